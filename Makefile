@@ -1,0 +1,25 @@
+# Two commands on a fresh clone: `make report` (the default gap report) and `make test` (the whole suite).
+# Both create .venv if missing and install everything through constraints.txt; both are idempotent.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kd-workbench-installed
+
+.PHONY: install report test benchmark
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip wheel
+	$(PY) -m pip install -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+report: install
+	$(VENV)/bin/kd-workbench report gap
+
+test: install
+	$(PY) -m pytest
+
+benchmark: install
+	$(PY) benchmarks/cka_matrix.py --markdown reports/results/cka_benchmark.md

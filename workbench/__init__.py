@@ -1,0 +1,13 @@
+"""KD Workbench: see, close and report the gap between a teacher and a student network.
+
+Example:
+    >>> import torch, workbench as wb
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+    >>> wb.layer_names(net)
+    ['0', '1']
+"""
+from workbench import data, models, similarity, train
+from workbench.capture import capture, layer_names, resolve_layers, stage_names
+
+__all__ = ["capture", "data", "layer_names", "models", "resolve_layers", "similarity", "stage_names", "train"]
+__version__ = "0.1.0"
