@@ -1,14 +1,9 @@
-"""Shared test configuration: a headless matplotlib backend for this process only (kernels keep theirs),
-no progress bars, small deterministic fixtures."""
+"""Shared test fixtures: small seeded models and inputs, and a hook counter."""
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import pytest
+import torch
+from torch import nn
 
 
 class ConvNet(nn.Module):

@@ -6,8 +6,8 @@ Example:
     >>> wb.layer_names(net)
     ['0', '1']
 """
-from workbench import data, models, similarity, train
+from workbench import data, losses, models, similarity, train
 from workbench.capture import capture, layer_names, resolve_layers, stage_names
 
-__all__ = ["capture", "data", "layer_names", "models", "resolve_layers", "similarity", "stage_names", "train"]
+__all__ = ["capture", "data", "layer_names", "losses", "models", "resolve_layers", "similarity", "stage_names", "train"]
 __version__ = "0.1.0"

@@ -26,7 +26,7 @@ class PredictionResult(JsonResult):
     Example:
         >>> import numpy as np
         >>> r = PredictionResult(np.array([[3, 1], [0, 4]]), agreement=0.875, kl=0.1, temperature=1.0, n_samples=8)
-        >>> r.to_frame().loc["agreement", "value"]
+        >>> float(r.to_frame().loc["agreement", "value"])
         0.875
     """
 

@@ -1,0 +1,21 @@
+"""Offline model factory and safe weight files.
+
+``create(name, **kwargs)`` builds built-in tiny nets, any timm model or a transformers model from a
+config, never downloading; ``load_weights`` / ``save_weights`` move weights to and from disk with
+safetensors or ``torch.load(weights_only=True)``.
+"""
+from workbench.models.factory import available, create
+from workbench.models.tiny import BenchCNN, TinyCNN, TinyMLP, tiny_vit
+from workbench.models.weights import load_weights, read_state_dict, save_weights
+
+__all__ = [
+    "available",
+    "create",
+    "load_weights",
+    "save_weights",
+    "read_state_dict",
+    "TinyCNN",
+    "BenchCNN",
+    "TinyMLP",
+    "tiny_vit",
+]

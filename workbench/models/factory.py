@@ -1,0 +1,158 @@
+"""One offline model factory: built-in tiny nets, any timm name, transformers models from a config.
+
+Nothing downloads: timm models are built with ``pretrained=False`` and transformers models from a
+config. Weights from disk go through :func:`workbench.models.load_weights`.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable
+
+from torch import nn
+
+from workbench.models.tiny import BenchCNN, TinyCNN, TinyMLP, tiny_vit
+
+__all__ = ["create", "available"]
+
+_BUILTINS: dict[str, Callable[..., nn.Module]] = {
+    "cnn": TinyCNN,
+    "cnn_small": lambda **kwargs: TinyCNN(**{"widths": (8, 16, 32), **kwargs}),
+    "bench_cnn": BenchCNN,
+    "vit": tiny_vit,
+    "mlp": TinyMLP,
+}
+
+_BERT_TINY = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=128,
+    vocab_size=1000,
+    max_position_embeddings=128,
+)
+# bos/eos inside the tiny vocabulary (GPT-2's 50256 would not be).
+_GPT2_TINY = dict(n_embd=64, n_layer=2, n_head=2, vocab_size=1000, n_positions=128, bos_token_id=0, eos_token_id=0)
+_HF_TINY = {"bert_tiny": ("bert", _BERT_TINY), "gpt2_tiny": ("gpt2", _GPT2_TINY)}
+_HF_PREFIX = "hf:"
+# Names of the module lists that hold the transformer layers in common transformers models.
+_LAYER_LIST_NAMES = ("layer", "layers", "h", "block", "blocks")
+
+
+def available() -> list[str]:
+    """Names of the built-in nets and tiny transformers models (any timm name works too).
+
+    Example:
+        >>> from workbench.models import available
+        >>> "cnn" in available() and "bert_tiny" in available()
+        True
+    """
+    return sorted([*_BUILTINS, *_HF_TINY])
+
+
+def create(name: str, **kwargs: Any) -> nn.Module:
+    """Build a model by name, offline, with freshly initialised weights.
+
+    ``name`` is a built-in (``"cnn"``, ``"cnn_small"``, ``"bench_cnn"``, ``"vit"``, ``"mlp"``), a tiny
+    transformers model (``"bert_tiny"``, ``"gpt2_tiny"``; kwargs override config fields),
+    ``"hf:<model_type>"`` (kwargs are config fields for ``AutoConfig.for_model``), or any timm model
+    name (kwargs such as ``in_chans``, ``num_classes``, ``img_size`` pass through to timm).
+    Every model returned has a timm-style ``feature_info`` list.
+
+    Raises ``ValueError`` for ``pretrained=True`` (nothing downloads; use ``load_weights``) and for
+    unknown names (the message lists close names).
+
+    Example:
+        >>> import torch
+        >>> from workbench.models import create
+        >>> model = create("cnn", widths=(8, 16))
+        >>> model(torch.zeros(2, 1, 32, 32)).shape
+        torch.Size([2, 10])
+        >>> [d["module"] for d in model.feature_info]
+        ['blocks.0', 'blocks.1']
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"model name must be a str, got {type(name).__name__}")
+    if kwargs.pop("pretrained", False):
+        raise ValueError(
+            f"create({name!r}, pretrained=True): nothing downloads at run time. Build the model with "
+            "pretrained=False and load weights from disk with "
+            "workbench.models.load_weights(model, 'weights.safetensors')."
+        )
+    for refused in ("checkpoint_path", "pretrained_cfg_overlay", "cache_dir"):
+        if refused in kwargs:
+            raise ValueError(
+                f"create({name!r}, {refused}=...) is not supported: load weights from disk with "
+                "workbench.models.load_weights(model, path), which never unpickles arbitrary code."
+            )
+    if name in _BUILTINS:
+        return _BUILTINS[name](**kwargs)
+    if name in _HF_TINY:
+        model_type, defaults = _HF_TINY[name]
+        return _create_hf(model_type, {**defaults, **kwargs})
+    if name.startswith(_HF_PREFIX):
+        return _create_hf(name[len(_HF_PREFIX):], kwargs)
+    import timm
+
+    if timm.is_model(name):
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        _ensure_feature_info(model)
+        return model
+    raise ValueError(_unknown_name_message(name))
+
+
+def _unknown_name_message(name: str) -> str:
+    import timm
+
+    candidates = [*available(), *timm.list_models()]
+    close = difflib.get_close_matches(name, candidates, n=6, cutoff=0.5)
+    hint = f" Close names: {', '.join(close)}." if close else ""
+    return (
+        f"unknown model name {name!r}.{hint} Built-in: {', '.join(available())}; also any timm name "
+        "(timm.list_models()) or 'hf:<model_type>' with config kwargs."
+    )
+
+
+def _create_hf(model_type: str, config_kwargs: dict[str, Any]) -> nn.Module:
+    from transformers import AutoConfig, AutoModel
+
+    config_kwargs = {"attn_implementation": "eager", **config_kwargs}
+    try:
+        config = AutoConfig.for_model(model_type, **config_kwargs)
+    except ValueError as error:
+        close = difflib.get_close_matches(model_type, _hf_model_types(), n=5, cutoff=0.5)
+        hint = f" Close model types: {', '.join(close)}." if close else ""
+        raise ValueError(f"unknown transformers model type {model_type!r} in 'hf:{model_type}'.{hint}") from error
+    model = AutoModel.from_config(config, attn_implementation=config_kwargs["attn_implementation"])
+    model.feature_info = _hf_feature_info(model)
+    return model
+
+
+def _hf_model_types() -> list[str]:
+    from transformers import CONFIG_MAPPING
+
+    return list(CONFIG_MAPPING.keys())
+
+
+def _hf_feature_info(model: nn.Module) -> list[dict[str, Any]]:
+    """The transformer layers of a transformers model: the longest ModuleList named like a layer list."""
+    lists = [
+        (module_name, module)
+        for module_name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) > 0
+    ]
+    named = [item for item in lists if item[0].rsplit(".", 1)[-1] in _LAYER_LIST_NAMES]
+    pool = named or lists
+    if not pool:
+        return []
+    list_name, layers = max(pool, key=lambda item: len(item[1]))
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", None) or 0
+    return [{"module": f"{list_name}.{i}", "num_chs": int(hidden), "reduction": 1} for i in range(len(layers))]
+
+
+def _ensure_feature_info(model: nn.Module) -> None:
+    """timm models expose ``feature_info`` already; keep it a plain list of dicts either way."""
+    info = getattr(model, "feature_info", None)
+    if info is not None and not isinstance(info, list):
+        info = list(getattr(info, "info", info))
+        model.feature_info = info
