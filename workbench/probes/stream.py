@@ -121,7 +121,7 @@ def paired_batches(
         teacher_acts = stack.enter_context(capture(teacher, teacher_layers or []))
         student_acts = stack.enter_context(capture(student, student_layers or []))
         bar = stack.enter_context(
-            tqdm(total=total, desc=description, unit="sample", disable=not progress, leave=False)
+            tqdm(total=total, desc=description, unit="sample", disable=not progress)
         )
         student_batches = iter(student_loader) if student_loader is not None else None
         for batch in loader:

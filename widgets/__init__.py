@@ -1,0 +1,10 @@
+"""Interactive explorers for notebooks: ipywidgets that compose workbench results and figures.
+
+Example:
+    >>> from widgets import GapExplorer
+    >>> GapExplorer.__name__
+    'GapExplorer'
+"""
+from widgets.gap_explorer import GapExplorer
+
+__all__ = ["GapExplorer"]

@@ -1,0 +1,28 @@
+"""Parameterized reports: :mod:`~workbench.reports.runner` checks parameters and runs notebooks with
+papermill into offline HTML; :mod:`~workbench.reports.notebook` holds what the notebooks call in their kernel.
+
+Example:
+    >>> from workbench import reports
+    >>> reports.report_parameters("gap")["n_samples"]["default"]
+    450
+"""
+from workbench.reports.notebook import evaluation_data, gap_summary, report_model, setup_notebook
+from workbench.reports.runner import (
+    REPORTS,
+    ParameterError,
+    Report,
+    ReportFailed,
+    ReportRun,
+    check_names,
+    execute_notebook,
+    export_html,
+    get_report,
+    report_parameters,
+    run_report,
+)
+
+__all__ = [
+    "REPORTS", "Report", "ReportRun", "ParameterError", "ReportFailed", "get_report", "report_parameters",
+    "check_names", "run_report", "execute_notebook", "export_html",
+    "setup_notebook", "report_model", "evaluation_data", "gap_summary",
+]

@@ -1,0 +1,111 @@
+"""Helpers that a report notebook calls inside its kernel: offline plotly, evaluation data, models, summary."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from workbench.reports.runner import REPORT_ENV
+
+def setup_notebook() -> bool:
+    """Make plotly embed plotly.js once (offline, no CDN) and return whether to show progress bars.
+
+    Bars are off in a report kernel (static HTML cannot show them; ``tqdm.notebook`` ignores
+    ``TQDM_DISABLE``), on when a person runs the notebook in JupyterLab.
+
+    Example:
+        >>> from workbench.reports import setup_notebook
+        >>> progress = setup_notebook()
+    """
+    import plotly.io as pio
+    from plotly.io.base_renderers import NotebookRenderer
+
+    class OfflineNotebookRenderer(NotebookRenderer):
+        """plotly's notebook renderer without its per-figure MathJax CDN script."""
+
+        def to_mimebundle(self, fig_dict: dict) -> dict:
+            html = pio.to_html(fig_dict, config=self.config, include_plotlyjs=False, include_mathjax=False,
+                               full_html=False, default_width="100%", default_height=525, validate=False)
+            return {"text/html": html}
+
+    pio.renderers["kd_offline"] = OfflineNotebookRenderer()
+    pio.renderers.default = "plotly_mimetype+kd_offline"
+    return os.environ.get(REPORT_ENV) != "1"
+
+
+IMAGE_SIZE, CHANNELS = 32, 1  # what workbench.train.trained uses by default
+N_CLASSES = {"digits": 10, "shapes": 4}
+
+
+def evaluation_data(dataset: str = "digits", n_samples: int = 450) -> Any:
+    """Held-out images for a report: the digits test split (450 images) or ``n_samples`` fresh shapes.
+
+    Example:
+        >>> from workbench.reports import evaluation_data
+        >>> len(evaluation_data("digits")), len(evaluation_data("shapes", 64))
+        (450, 64)
+    """
+    from workbench import data
+
+    if dataset == "digits":
+        return data.digits("test", size=IMAGE_SIZE, channels=CHANNELS)
+    if dataset == "shapes":
+        return data.shapes(n_samples, size=IMAGE_SIZE, channels=CHANNELS, seed=0)
+    raise ValueError(f"dataset must be one of {tuple(N_CLASSES)}, got {dataset!r}")
+
+
+def report_model(
+    name: str, dataset: str = "digits", *, weights: str | os.PathLike | None = None, epochs: int = 8,
+    seed: int = 0, progress: bool = True, **model_kwargs: Any,
+) -> Any:
+    """A model for a report: ``workbench.train.trained`` (trained once, then cached), or built and
+    loaded from ``weights`` (safetensors / ``torch.load(weights_only=True)``) when given.
+
+    Example:
+        >>> from workbench.reports import report_model
+        >>> student = report_model("cnn_small", epochs=1, progress=False)  # doctest: +SKIP
+    """
+    from workbench import models, train
+
+    if weights is None:
+        return train.trained(name, dataset, epochs=epochs, seed=seed, size=IMAGE_SIZE, channels=CHANNELS,
+                             progress=progress, **model_kwargs)
+    if dataset not in N_CLASSES:
+        raise ValueError(f"dataset must be one of {tuple(N_CLASSES)}, got {dataset!r}")
+    kwargs = {"num_classes": N_CLASSES[dataset], "in_chans": CHANNELS, **model_kwargs}
+    try:
+        model = models.create(name, **{"img_size": IMAGE_SIZE, **kwargs})
+    except TypeError:  # a model without an img_size argument (e.g. a timm resnet)
+        model = models.create(name, **kwargs)
+    return models.load_weights(model, weights).eval()
+
+
+def gap_summary(cka: Any, predictions: Any, teacher: str = "teacher", student: str = "student") -> str:
+    """A short Markdown paragraph: best-matching layers, layer order, weakest layer, agreement, KL, accuracy.
+
+    Example:
+        >>> import numpy as np
+        >>> from workbench.similarity import CKAResult, PredictionResult
+        >>> cka = CKAResult(np.array([[0.9, 0.2], [0.3, 0.8]]), ["t1", "t2"], ["s1", "s2"], n_samples=8)
+        >>> p = PredictionResult(np.array([[3, 1], [0, 4]]), agreement=0.875, kl=0.1, temperature=1.0, n_samples=8)
+        >>> "87.5%" in gap_summary(cka, p)
+        True
+    """
+    best = cka.best_matches()
+    pairs = ", ".join(f"`{r.student_layer}` → `{r.teacher_layer}` ({r.cka:.2f})" for r in best.itertuples())
+    order = [cka.teacher_layers.index(name) for name in best["teacher_layer"]]
+    weakest = best.loc[best["cka"].idxmin()]
+    lines = [
+        f"**Layers.** Each layer of the student (`{student}`) and the teacher (`{teacher}`) layer it resembles "
+        f"most, by CKA over {cka.n_samples:,} samples: {pairs}. The matches "
+        f"{'keep' if order == sorted(order) else 'do not keep'} the layer order. The student layer least like "
+        f"any teacher layer is `{weakest.student_layer}` (best CKA {weakest.cka:.2f}): the first candidate "
+        "for a feature-distillation term.",
+        f"**Predictions.** The student agrees with the teacher's top-1 class on {predictions.agreement:.1%} of "
+        f"{predictions.n_samples:,} samples; the mean KL(teacher ‖ student) at T = {predictions.temperature:g} "
+        f"is {predictions.kl:.3f} nats.",
+    ]
+    if predictions.teacher_accuracy is not None and predictions.student_accuracy is not None:
+        gap = 100 * (predictions.teacher_accuracy - predictions.student_accuracy)
+        lines.append(f"**Accuracy.** Teacher {predictions.teacher_accuracy:.1%}, student "
+                     f"{predictions.student_accuracy:.1%}: a gap of {gap:.1f} points.")
+    return "\n\n".join(lines)
