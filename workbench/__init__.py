@@ -8,6 +8,7 @@ Example:
 """
 from workbench import data, losses, models, similarity, train
 from workbench.capture import capture, layer_names, resolve_layers, stage_names
+from workbench.train import Distiller
 
-__all__ = ["capture", "data", "layer_names", "losses", "models", "resolve_layers", "similarity", "stage_names", "train"]
+__all__ = ["Distiller", "capture", "data", "layer_names", "losses", "models", "resolve_layers", "similarity", "stage_names", "train"]
 __version__ = "0.1.0"

@@ -11,10 +11,12 @@ from workbench.probes.cka_result import CKAResult
 from workbench.probes.cka_stream import CKAAccumulator, cka_matrix
 from workbench.probes.pairwise import linear_cka, mutual_knn, rbf_cka
 from workbench.probes.predictions import PredictionResult, compare_predictions
+from workbench.probes.trajectory import CKATrajectory
 
 __all__ = [
     "CKAAccumulator",
     "CKAResult",
+    "CKATrajectory",
     "PredictionResult",
     "cka_matrix",
     "compare_predictions",

@@ -1,9 +1,26 @@
-"""Training: a small seeded supervised loop, accuracy, and cached trained tiny teachers/students.
+"""Training: the Distiller, one seeded/resumable/distributed loop, callbacks, checkpoints, cached models.
 
-Distillation itself (the ``Distiller``) builds on these; ``fit`` trains plain cross-entropy baselines
-and ``trained`` returns a ready teacher or student from the on-disk cache.
+``Distiller`` holds a frozen teacher, a student and weighted loss terms; ``fit`` trains it (or a plain
+model with cross-entropy), with callbacks such as ``workbench.similarity.CKATrajectory``, checkpoints and DDP under
+``torchrun``; ``trained`` returns a ready teacher or student from the on-disk cache.
 """
 from workbench.train.cache import cache_dir, trained
-from workbench.train.fit import accuracy, fit, logits_of
+from workbench.train.callbacks import Callback, TrainState
+from workbench.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from workbench.train.distiller import Distiller
+from workbench.train.fit import History, accuracy, fit, logits_of
 
-__all__ = ["fit", "accuracy", "logits_of", "trained", "cache_dir"]
+__all__ = [
+    "Callback",
+    "Distiller",
+    "History",
+    "TrainState",
+    "accuracy",
+    "cache_dir",
+    "fit",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "logits_of",
+    "save_checkpoint",
+    "trained",
+]

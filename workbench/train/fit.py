@@ -1,61 +1,106 @@
-"""A small, seeded supervised training loop (cross-entropy) and an accuracy helper."""
+"""One training loop for plain models (cross-entropy) and Distillers: seeded, resumable, AMP, and DDP under torchrun.
+
+Reproducibility without saved RNG state: each epoch's sample order is ``randperm`` seeded by
+``seed + epoch`` (a ``DistributedSampler``, also with one process), and the global RNG is reseeded
+before every step from ``(seed, rank, step)``. A run resumed from a checkpoint therefore repeats the
+uninterrupted run's history exactly on the CPU.
+"""
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset
 from tqdm.auto import tqdm
 
 from workbench.data.loaders import as_loader, inputs_of, targets_of
 from workbench.devices import resolve_device
+from workbench.train.callbacks import TrainState
+from workbench.train.checkpoint import Checkpointer
+from workbench.train.distiller import Distiller, cross_entropy, logits_of, run_model, to_device
 
-__all__ = ["fit", "accuracy", "logits_of"]
+__all__ = ["fit", "accuracy", "logits_of", "History"]
 
+History = pd.DataFrame  # one row per step: epoch, step, loss, each term, lr (+ eval_accuracy per epoch)
 SCHEDULES = ("constant", "cosine")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
 OptimizerLike = torch.optim.Optimizer | Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
-def logits_of(output: Any) -> torch.Tensor:
-    """The logits of a model output: a tensor, a tuple's first element, or a ``ModelOutput.logits``.
+class _Supervised(nn.Module):
+    """A plain model as a training objective: ``batch -> (cross-entropy, {})``."""
 
-    Example:
-        >>> import torch
-        >>> from workbench.train import logits_of
-        >>> logits_of((torch.ones(2, 3), None)).shape
-        torch.Size([2, 3])
-    """
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
 
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, dict):
-        return {key: _to_device(item, device) for key, item in value.items()}
-    return value
+    def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        targets = targets_of(batch)
+        if targets is None:
+            raise TypeError(
+                "fit needs labelled batches: (x, y) tuples or dicts with 'labels'; got a batch without targets"
+            )
+        return cross_entropy(_forward(self.model, inputs_of(batch)), targets), {}
 
 
 def _forward(model: nn.Module, inputs: Any) -> torch.Tensor:
-    return logits_of(model(**inputs) if isinstance(inputs, dict) else model(inputs))
+    return logits_of(run_model(model, inputs))
 
 
-def _make_optimizer(model: nn.Module, optimizer: OptimizerLike | None, lr: float) -> torch.optim.Optimizer:
-    if optimizer is None:
-        return torch.optim.AdamW(model.parameters(), lr=lr)
-    if isinstance(optimizer, torch.optim.Optimizer):
-        return optimizer
-    return optimizer(model.parameters())
+class _EpochBatches:
+    """This rank's batches of each epoch: samples ordered by ``seed + epoch``, each rank a share of every
+    global batch of ``batch_size`` (rank r takes positions r, r + world, ... of it)."""
+
+    def __init__(self, data: Any, batch_size: int, seed: int, rank: int, world: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size % world:
+            raise ValueError(f"batch_size={batch_size} is the global batch; it must divide evenly among {world} ranks")
+        self.loader: DataLoader | None = None
+        if isinstance(data, DataLoader):
+            if world > 1 and not isinstance(data.sampler, DistributedSampler):
+                raise ValueError(
+                    "under torchrun, pass the training data as tensors or a Dataset (fit shards it with a "
+                    "DistributedSampler), or a DataLoader whose sampler is a DistributedSampler"
+                )
+            self.loader = data
+        else:
+            base = as_loader(data, batch_size=batch_size)
+            if isinstance(base.dataset, IterableDataset):
+                if world > 1:
+                    raise ValueError("under torchrun, fit needs a map-style dataset (with __getitem__) to shard")
+                self.loader = base
+            else:
+                self.dataset = base.dataset
+                self.sampler = DistributedSampler(self.dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+                self.batch_sampler = BatchSampler(self.sampler, batch_size // world, drop_last=False)
+        try:
+            self.per_epoch: int | None = len(self.loader if self.loader is not None else self.batch_sampler)
+        except TypeError:  # an IterableDataset without __len__
+            self.per_epoch = None
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[int, Any]]:
+        """``(batch index in the epoch, batch)`` from batch ``skip`` on (skipped batches are not loaded)."""
+        if self.loader is not None:
+            if hasattr(self.loader.sampler, "set_epoch"):
+                self.loader.sampler.set_epoch(epoch - 1)
+            return islice(enumerate(self.loader), skip, None)
+        self.sampler.set_epoch(epoch - 1)
+        index_batches = list(self.batch_sampler)[skip:]
+        return enumerate(DataLoader(self.dataset, batch_sampler=index_batches), start=skip)
+
+    def first(self) -> Any:
+        for _, batch in self.epoch(1):
+            return batch
+        raise ValueError("the training data holds no samples")
 
 
 def _rng_scope(device: torch.device) -> Any:
@@ -64,30 +109,244 @@ def _rng_scope(device: torch.device) -> Any:
     return torch.random.fork_rng(devices=devices)
 
 
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    return int(np.random.SeedSequence([seed % 2**63, rank, step]).generate_state(1, np.uint64)[0] % 2**63)
+
+
+def _setup_distributed(device: str | torch.device) -> tuple[torch.device, int, int]:
+    """``(device, rank, world_size)``; starts the process group when torchrun's variables say so."""
+    import torch.distributed as dist
+
+    wanted = resolve_device(device)
+    if not dist.is_available():
+        return wanted, 0, 1
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 and "MASTER_ADDR" in os.environ
+    if not dist.is_initialized() and launched:
+        if wanted.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if wanted.type == "cuda" else "gloo")
+    if not dist.is_initialized():
+        return wanted, 0, 1
+    if wanted.type == "cuda" and wanted.index is None:
+        wanted = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    return wanted, dist.get_rank(), dist.get_world_size()
+
+
+def _amp(amp: str | bool | None, device: torch.device) -> tuple[torch.dtype | None, Any]:
+    """``(autocast dtype or None, GradScaler or None)``: bf16 where supported, else fp16 with a scaler."""
+    if amp in (False, None, "off"):
+        return None, None
+    if amp is not True and amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {AMP_MODES}, True or False; got {amp!r}")
+    if device.type != "cuda":
+        if amp in ("auto", True):
+            return None, None
+        raise ValueError(f"amp={amp!r} needs a CUDA device, got {device}; use amp='auto' or 'off' here")
+    if amp in ("auto", True):
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp == "bf16":
+        return torch.bfloat16, None
+    return torch.float16, torch.amp.GradScaler("cuda")
+
+
+def _make_optimizer(objective: nn.Module, optimizer: OptimizerLike | None, lr: float) -> torch.optim.Optimizer:
+    distiller = objective if isinstance(objective, Distiller) else None
+    params = distiller.trainable_parameters() if distiller else list(objective.parameters())
+    if optimizer is None:
+        return torch.optim.AdamW(params, lr=lr)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer(params)
+    if distiller is not None:
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [name for name, p in distiller.terms.named_parameters() if p.requires_grad and id(p) not in held]
+        if missing:
+            raise ValueError(
+                f"the optimizer does not hold {len(missing)} trainable term parameters ({missing[:3]}); "
+                "make it from distiller.trainable_parameters() after distiller.build(batch), or pass a "
+                "callable (e.g. lambda params: torch.optim.SGD(params, lr=0.1))"
+            )
+    return optimizer
+
+
+def _make_scheduler(optimizer: torch.optim.Optimizer, scheduler: Any, schedule: str, total: int | None) -> Any:
+    if scheduler is not None and schedule != "constant":
+        raise ValueError(f"pass either scheduler= or schedule={schedule!r}, not both")
+    if scheduler is None:
+        if schedule != "cosine":
+            return None
+        if total is None:
+            raise ValueError("schedule='cosine' needs data of known length (a sized dataset or loader)")
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+        return scheduler
+    return scheduler(optimizer)
+
+
+def _call(callbacks: Sequence[Any], hook: str, state: TrainState) -> None:
+    for callback in callbacks:
+        method = getattr(callback, hook, None)
+        if method is not None:
+            method(state)
+
+
+def _train_step(module: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, dtype: torch.dtype | None,
+                batch: Any, state: TrainState, seed: int, last_checkpoint: Any) -> dict[str, float]:
+    """One optimizer step; returns the logged values (averaged over ranks). Non-finite -> FloatingPointError."""
+    batch = to_device(batch, state.device)
+    torch.manual_seed(_step_seed(seed, state.rank, state.step))
+    with torch.autocast(state.device.type, dtype=dtype, enabled=dtype is not None):
+        total, parts = module(batch)
+    names = ["loss", *parts]
+    logged = torch.stack([total.detach().float(), *(value.float().to(total.device) for value in parts.values())])
+    if state.world_size > 1:  # also keeps the ranks in step: all stop together on a NaN anywhere
+        torch.distributed.all_reduce(logged)
+        logged /= state.world_size
+    values = dict(zip(names, logged.tolist()))
+    bad = [name for name, value in values.items() if not math.isfinite(value)]
+    if bad:
+        culprits = [name for name in bad if name != "loss"] or ["loss"]
+        note = ""
+        if last_checkpoint is not False:
+            note = (f" The last good checkpoint, {last_checkpoint}, is kept." if last_checkpoint
+                    else " No checkpoint had been written yet.")
+        raise FloatingPointError(
+            f"non-finite training loss at epoch {state.epoch}, step {state.step} (batch index {state.batch_index} "
+            f"of the epoch, from 0): non-finite terms {culprits} "
+            f"({', '.join(f'{name}={values[name]}' for name in culprits)}).{note} "
+            "Try a lower lr, or check the inputs and the terms named."
+        )
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        total.backward()
+        optimizer.step()
+    return values
+
+
+@dataclass
+class _Loop:
+    """The pieces of one ``fit`` run that every step uses, and the loop over one epoch's batches."""
+
+    module: nn.Module  # what is called: the objective, or its DDP wrapper
+    objective: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    dtype: torch.dtype | None
+    batches: _EpochBatches
+    checkpoints: Checkpointer
+    callbacks: list[Any]
+    state: TrainState
+    seed: int
+    bar: Any
+
+    def run_epoch(self, epoch: int, skip: int) -> tuple[int | None, bool]:
+        """Train on one epoch's batches from ``skip`` on; ``(last batch index, whether the epoch completed)``."""
+        state, per_epoch = self.state, self.batches.per_epoch
+        self.objective.train()
+        state.epoch, index = epoch, None
+        for index, batch in self.batches.epoch(epoch, skip):
+            state.step, state.batch_index = state.step + 1, index
+            last_checkpoint = self.checkpoints.last if self.checkpoints.directory is not None else False
+            values = _train_step(self.module, self.optimizer, self.scaler, self.dtype, batch, state, self.seed,
+                                 last_checkpoint)
+            state.rows.append({"epoch": epoch, "step": state.step, **values, "lr": self.optimizer.param_groups[0]["lr"]})
+            if self.scheduler is not None:
+                self.scheduler.step()
+            self.bar.update(1)
+            self.bar.set_postfix(epoch=epoch, loss=f"{values['loss']:.4f}", refresh=False)
+            _call(self.callbacks, "on_step_end", state)
+            end_of_epoch = per_epoch is not None and index == per_epoch - 1
+            if self.checkpoints.due(state.step) and not end_of_epoch and not state.stop:
+                self.checkpoints.save(state.step, epoch, index + 1, state.rows)
+            if state.stop:
+                return index, end_of_epoch
+        return index, True
+
+
+def _check_arguments(eval: Any, eval_data: Any, epochs: int, schedule: str, checkpoint_dir: Any,
+                     checkpoint_every: Any, resume: bool) -> Any:
+    """Fail early on bad settings; returns the evaluation data (``eval`` or its alias ``eval_data``)."""
+    if isinstance(eval, int) and not isinstance(eval, bool):
+        raise TypeError("fit(model, train, eval, epochs): the third argument is the evaluation data; pass epochs=N")
+    if eval is not None and eval_data is not None:
+        raise ValueError("pass the evaluation data once: eval= or its alias eval_data=")
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+        raise ValueError(f"checkpoint_every must be a positive number of steps or None, got {checkpoint_every!r}")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir= (where the checkpoints are)")
+    return eval if eval is not None else eval_data
+
+
+def _wrap_ddp(objective: nn.Module, device: torch.device, first_batch: Any) -> nn.Module:
+    """DistributedDataParallel around the student (+ projectors); the teacher stays outside it."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Without labels and logit terms, the student's layers after the deepest hint get no gradient.
+    unused = isinstance(objective, Distiller) and not objective.logit_terms() and targets_of(first_batch) is None
+    return DistributedDataParallel(
+        objective, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused
+    )
+
+
+def _history(rows: list[dict[str, Any]], with_eval: bool) -> History:
+    head, tail = ["epoch", "step", "loss"], ["lr"] + (["eval_accuracy"] if with_eval else [])
+    parts: list[str] = []
+    for row in rows:
+        parts.extend(key for key in row if key not in head + tail + parts and key != "eval_accuracy")
+    return pd.DataFrame(rows, columns=head + parts + tail)
+
+
 def fit(
     model: nn.Module,
-    data: Any,
+    train: Any,
+    eval: Any = None,
     epochs: int = 1,
     *,
     lr: float = 1e-3,
     batch_size: int = 128,
     optimizer: OptimizerLike | None = None,
+    scheduler: Any = None,
+    schedule: str = "constant",
     device: str | torch.device = "auto",
     seed: int = 0,
-    eval_data: Any = None,
+    callbacks: Sequence[Any] = (),
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    amp: str | bool | None = "auto",
     progress: bool = True,
-    schedule: str = "constant",
-) -> pd.DataFrame:
-    """Train ``model`` with cross-entropy on ``(x, y)`` batches; return the history, one row per step.
+    eval_data: Any = None,
+) -> History:
+    """Train a plain model (cross-entropy) or a :class:`Distiller`; return the history, one row per step.
 
-    ``data`` is anything :func:`workbench.data.as_loader` takes (a DataLoader is used as is, else it
-    is shuffled with a generator seeded by ``seed``). AdamW at ``lr`` unless ``optimizer`` (an
-    optimizer, or a callable taking the parameters) is given; ``schedule="cosine"`` decays every
-    parameter group's learning rate per step from its initial value to 0. Seeded and deterministic on CPU; the
-    caller's global RNG state is left untouched. Columns: ``epoch`` and ``step`` (both from 1),
-    ``loss``, ``lr``, and ``eval_accuracy`` on each epoch's last step when ``eval_data`` is given.
-    The model stays on ``device`` and is left in eval mode. A non-finite loss raises
-    ``FloatingPointError``.
+    ``train`` / ``eval`` are anything :func:`workbench.data.as_loader` takes (``eval_data`` is an alias
+    of ``eval``). Each epoch visits ``train`` in an order seeded by ``seed + epoch``, in global batches
+    of ``batch_size``. AdamW at ``lr`` unless ``optimizer`` (an optimizer, or a callable taking the
+    parameters) is given; ``scheduler`` is a callable ``optimizer -> LR scheduler`` stepped after every
+    step (``schedule="cosine"`` is a shortcut). A Distiller is built on the first batch before the
+    optimizer is made, so its projectors are trained. ``amp="auto"`` uses bf16 autocast (fp16 with a
+    GradScaler where bf16 is missing) on CUDA and nothing elsewhere; ``"bf16"``, ``"fp16"``, ``"off"``.
+
+    Columns: ``epoch``, ``step`` (from 1), ``loss`` (the weighted total), each term's unweighted
+    value (``ce``, ...) for a Distiller, ``lr``, and ``eval_accuracy`` (the student's top-1) on each
+    epoch's last row when ``eval`` is given. A non-finite loss raises ``FloatingPointError`` naming the
+    step, the terms and the batch index, before any weight changes.
+
+    ``checkpoint_dir``: write a checkpoint every ``checkpoint_every`` steps (else at each epoch's end)
+    and at the end (see :mod:`workbench.train.checkpoint`); ``resume=True`` continues from the newest
+    one there (or starts afresh if there is none), repeating the uninterrupted history exactly on the
+    CPU. ``callbacks``: see :mod:`workbench.train.callbacks`. Under ``torchrun`` (or an initialised
+    process group) the trained module is wrapped in DistributedDataParallel, each rank takes its share
+    of every global batch, and the logged values are averaged over ranks. Seeded and deterministic on
+    the CPU; the caller's RNG state is left untouched. The model is left in eval mode on ``device``.
 
     Example:
         >>> import torch
@@ -98,73 +357,61 @@ def fit(
         >>> len(history), list(history.columns)
         (4, ['epoch', 'step', 'loss', 'lr'])
     """
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    device = resolve_device(device)
-    model.to(device)
-    rows: list[dict[str, Any]] = []
+    eval = _check_arguments(eval, eval_data, epochs, schedule, checkpoint_dir, checkpoint_every, resume)
+    device, rank, world = _setup_distributed(device)
+    distiller = model if isinstance(model, Distiller) else None
+    objective = distiller if distiller is not None else _Supervised(model)
+    objective.to(device)
+    callbacks = list(callbacks)
     with _rng_scope(device):
         torch.manual_seed(seed)
-        loader = as_loader(data, batch_size=batch_size, shuffle=True, seed=seed)
-        opt = _make_optimizer(model, optimizer, lr)
-        try:
-            total: int | None = epochs * len(loader)
-        except TypeError:  # an IterableDataset without __len__
-            total = None
-        if schedule == "cosine" and total is None:
-            raise ValueError("schedule='cosine' needs data of known length (a sized dataset or loader)")
-        scheduler = (
-            torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total) if schedule == "cosine" else None
+        batches = _EpochBatches(train, batch_size, seed, rank, world)
+        first = to_device(batches.first(), device) if distiller is not None else None
+        if distiller is not None and distiller.unbuilt_terms():
+            distiller.build(first)
+        opt = _make_optimizer(objective, optimizer, lr)
+        total = None if batches.per_epoch is None else epochs * batches.per_epoch
+        sched = _make_scheduler(opt, scheduler, schedule, total)
+        dtype, scaler = _amp(amp, device)
+        checkpoints = Checkpointer(
+            checkpoint_dir, checkpoint_every, distiller or model, {"optimizer": opt, "scheduler": sched, "scaler": scaler},
+            {"seed": seed, "batch_size": batch_size, "world_size": world}, callbacks, rank, world,
         )
-        bar = tqdm(total=total, disable=not progress, desc="fit", leave=False)
-        step = 0
+        loaded = checkpoints.resume() if resume else None
+        module = _wrap_ddp(objective, device, first) if world > 1 else objective
+        state = TrainState(model=model, distiller=distiller, student=distiller.student if distiller else model,
+                           optimizer=opt, device=device, epochs=epochs, rank=rank, world_size=world,
+                           rows=list(loaded.history) if loaded else [])
+        start_epoch, skip = (loaded.epoch, loaded.batch_index) if loaded else (1, 0)
+        state.step, state.epoch = (loaded.step if loaded else 0), start_epoch
+        loop = _Loop(module, objective, opt, sched, scaler, dtype, batches, checkpoints, callbacks, state, seed,
+                     tqdm(total=total, initial=state.step, disable=not progress, desc="fit", leave=False))
         try:
-            for epoch in range(1, epochs + 1):
-                model.train()
-                for batch in loader:
-                    step += 1
-                    loss = _train_step(model, opt, batch, device, epoch, step)
-                    rows.append({"epoch": epoch, "step": step, "loss": loss, "lr": opt.param_groups[0]["lr"]})
-                    if scheduler is not None:
-                        scheduler.step()
-                    bar.update(1)
-                    bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", refresh=False)
-                if eval_data is not None:
-                    rows[-1]["eval_accuracy"] = accuracy(model, eval_data, batch_size=max(batch_size, 256), device=device)
+            _call(callbacks, "on_train_begin", state)
+            for epoch in range(start_epoch, epochs + 1):
+                index, completed = loop.run_epoch(epoch, skip if epoch == start_epoch else 0)
+                if eval is not None and index is not None:
+                    state.rows[-1]["eval_accuracy"] = accuracy(state.student, eval, max(batch_size, 256), device)
+                _call(callbacks, "on_epoch_end", state)
+                if checkpoint_dir is not None and (checkpoint_every is None or checkpoints.due(state.step)
+                                                   or epoch == epochs or state.stop):
+                    position = (epoch + 1, 0) if completed else (epoch, (index or 0) + 1)
+                    checkpoints.save(state.step, *position, state.rows)
+                if state.stop:
+                    break
+            _call(callbacks, "on_train_end", state)
         finally:
-            bar.close()
-            model.eval()
-    history = pd.DataFrame(rows, columns=["epoch", "step", "loss", "lr"] + (["eval_accuracy"] if eval_data is not None else []))
-    return history
-
-
-def _train_step(
-    model: nn.Module, opt: torch.optim.Optimizer, batch: Any, device: torch.device, epoch: int, step: int
-) -> float:
-    targets = targets_of(batch)
-    if targets is None:
-        raise TypeError(
-            "fit needs labelled batches: (x, y) tuples or dicts with 'labels'; got a batch without targets"
-        )
-    inputs = _to_device(inputs_of(batch), device)
-    logits = _forward(model, inputs)
-    loss = F.cross_entropy(logits, targets.to(device))
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise FloatingPointError(f"training loss is {value} at epoch {epoch}, step {step}; try a lower lr")
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return value
+            loop.bar.close()
+            objective.eval()
+    return _history(state.rows, eval is not None)
 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, data: Any, batch_size: int = 256, device: str | torch.device = "auto") -> float:
     """Top-1 accuracy in [0, 1] of ``model`` on labelled ``data`` (anything ``as_loader`` takes).
 
-    The model is moved to ``device``; its train/eval mode is restored afterwards.
+    The model is moved to ``device``; its train/eval mode is restored afterwards. Pass a Distiller's
+    ``.student`` to score the student.
 
     Example:
         >>> import torch
@@ -183,7 +430,7 @@ def accuracy(model: nn.Module, data: Any, batch_size: int = 256, device: str | t
             targets = targets_of(batch)
             if targets is None:
                 raise TypeError("accuracy needs labelled batches: (x, y) tuples or dicts with 'labels'")
-            logits = _forward(model, _to_device(inputs_of(batch), device))
+            logits = _forward(model, to_device(inputs_of(batch), device))
             correct += int((logits.argmax(dim=-1) == targets.to(device)).sum())
             seen += len(targets)
     finally:
