@@ -213,3 +213,12 @@ def test_capture_sees_every_layer_that_ran(conv_pair, images):
     with wb.capture(teacher, LAYERS) as acts:
         teacher(images[:2])
     assert list(acts) == LAYERS
+
+
+def test_features_too_large_for_a_float32_gram_fall_back_to_float64():
+    x = torch.randn(32, 50, generator=torch.Generator().manual_seed(2))
+    accumulator = CKAAccumulator(["huge"], ["plain"])
+    accumulator.update([x * 1e20], [x.double()])  # (1e20)² overflows float32, the features themselves do not
+    assert accumulator.values()[0, 0] == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(FloatingPointError, match=r"teacher layer 'huge' produced NaN or Inf .* sample 32"):
+        accumulator.update([x * torch.inf], [x])

@@ -25,6 +25,10 @@ from workbench.probes.kernels import KERNELS, centre_gram, centred_gram, hsic_sc
 from workbench.probes.stream import paired_batches
 
 
+def _layer_labels(layers: int | Sequence[str]) -> list[str]:
+    return [f"#{index}" for index in range(layers)] if isinstance(layers, int) else list(layers)
+
+
 def check_kernel(kernel: str) -> None:
     """Raise a ``ValueError`` naming the choices unless ``kernel`` is one of :data:`KERNELS`."""
     if kernel not in KERNELS:
@@ -32,7 +36,7 @@ def check_kernel(kernel: str) -> None:
 
 
 class CKAAccumulator:
-    """Sufficient statistics of the minibatch CKA between ``n_teacher`` and ``n_student`` layers.
+    """Sufficient statistics of the minibatch CKA between teacher and student layers (names, or counts).
 
     Example:
         >>> import torch
@@ -45,8 +49,8 @@ class CKAAccumulator:
 
     def __init__(
         self,
-        n_teacher: int,
-        n_student: int,
+        teacher_layers: int | Sequence[str],
+        student_layers: int | Sequence[str],
         *,
         kernel: str = "linear",
         debiased: bool = True,
@@ -55,21 +59,36 @@ class CKAAccumulator:
     ):
         check_kernel(kernel)
         self.kernel, self.debiased, self.threshold, self.sigma = kernel, debiased, threshold, sigma
-        self.cross = torch.zeros(n_teacher, n_student, dtype=torch.float64)
-        self.teacher_self = torch.zeros(n_teacher, dtype=torch.float64)
-        self.student_self = torch.zeros(n_student, dtype=torch.float64)
+        self.teacher_layers = _layer_labels(teacher_layers)
+        self.student_layers = _layer_labels(student_layers)
+        self.cross = torch.zeros(len(self.teacher_layers), len(self.student_layers), dtype=torch.float64)
+        self.teacher_self = torch.zeros(len(self.teacher_layers), dtype=torch.float64)
+        self.student_self = torch.zeros(len(self.student_layers), dtype=torch.float64)
         self.n_samples = 0
         self.n_batches = 0
 
-    def _centred_grams(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``[L, n·n]`` float64: each layer's Gram, (U-)centred and flattened."""
-        grams = []
-        for value in features:
-            gram = centred_gram(value.reshape(value.shape[0], -1)).to(torch.float64)
+    def _centred_grams(self, features: Sequence[torch.Tensor], role: str, layers: list[str]) -> torch.Tensor:
+        """``[L, n·n]`` float64: each layer's Gram, (U-)centred and flattened.
+
+        The NaN/Inf check reads the n×n Gram, not the n×d features: a non-finite feature always makes
+        its Gram non-finite, and a finite one that overflows float32 is recomputed in float64.
+        """
+        n = features[0].shape[0]
+        grams = torch.empty(len(features), n, n, dtype=torch.float64, device=features[0].device)
+        for index, value in enumerate(features):
+            value = value.reshape(n, -1)
+            gram = centred_gram(value)
+            if not torch.isfinite(gram).all():
+                if not torch.isfinite(value).all():
+                    raise FloatingPointError(
+                        f"{role} layer {layers[index]!r} produced NaN or Inf in the batch starting at "
+                        f"sample {self.n_samples}"
+                    )
+                gram = centred_gram(value.to(torch.float64))
+            grams[index] = gram
             if self.kernel == "rbf":
-                gram = rbf_from_gram(gram, threshold=self.threshold, sigma=self.sigma)
-            grams.append(gram)
-        return centre_gram(torch.stack(grams), unbiased=self.debiased).flatten(1)
+                grams[index] = rbf_from_gram(grams[index], threshold=self.threshold, sigma=self.sigma)
+        return centre_gram(grams, unbiased=self.debiased, inplace=True).flatten(1)
 
     def update(self, teacher_features: Sequence[torch.Tensor], student_features: Sequence[torch.Tensor]) -> None:
         """Add one batch: a ``[n, ...]`` tensor per teacher layer and per student layer, same n."""
@@ -84,8 +103,8 @@ class CKAAccumulator:
         (n,) = counts
         if n < 4 and self.debiased:
             raise ValueError(f"a batch of {n} samples is too small: the unbiased HSIC needs at least 4")
-        teacher_grams = self._centred_grams(teacher_features)
-        student_grams = self._centred_grams(student_features)
+        teacher_grams = self._centred_grams(teacher_features, "teacher", self.teacher_layers)
+        student_grams = self._centred_grams(student_features, "student", self.student_layers)
         scale = hsic_scale(n, unbiased=self.debiased)
         # all L_teacher × L_student cross terms in one matrix product
         self.cross += (scale * teacher_grams @ student_grams.T).cpu()
@@ -169,15 +188,15 @@ def cka_matrix(
         teacher, student, data, teacher_layers=teacher_layers, student_layers=student_layers,
         student_data=student_data, batch_size=batch_size, n_samples=n_samples,
         min_batch=4 if debiased else 2, device=device, progress=progress, description="CKA",
+        check_finite=False,  # the accumulator checks each n×n Gram instead of every n×d feature
     )
     with closing(batches):
         for batch in batches:
             if accumulator is None:
                 accumulator = CKAAccumulator(
-                    len(batch.teacher_features), len(batch.student_features),
+                    list(batch.teacher_features), list(batch.student_features),
                     kernel=kernel, debiased=debiased, threshold=threshold, sigma=sigma,
                 )
-                teacher_names, student_names = list(batch.teacher_features), list(batch.student_features)
             accumulator.update(list(batch.teacher_features.values()), list(batch.student_features.values()))
     if accumulator is None:
         raise ValueError("the data held no samples")
@@ -185,8 +204,8 @@ def cka_matrix(
         accumulator.all_reduce()
     return CKAResult(
         values=accumulator.values(),
-        teacher_layers=teacher_names,
-        student_layers=student_names,
+        teacher_layers=accumulator.teacher_layers,
+        student_layers=accumulator.student_layers,
         n_samples=accumulator.n_samples,
         kernel=kernel,
         debiased=debiased,

@@ -58,11 +58,12 @@ def rbf_from_gram(gram: torch.Tensor, threshold: float = 0.5, sigma: float | Non
     return torch.exp(-squared_distances / (2 * variance))
 
 
-def centre_gram(gram: torch.Tensor, unbiased: bool) -> torch.Tensor:
+def centre_gram(gram: torch.Tensor, unbiased: bool, inplace: bool = False) -> torch.Tensor:
     """Double-centre a Gram (``HKH``) or, with ``unbiased=True``, U-centre it (Song et al. 2012).
 
     Works on ``[n, n]`` or a stack ``[L, n, n]``. With U-centring, ``⟨U(K), U(L)⟩ / (n(n-3))`` is the
-    unbiased HSIC estimator, which needs n ≥ 4.
+    unbiased HSIC estimator, which needs n ≥ 4. ``inplace=True`` overwrites ``gram`` (no copies, for the
+    streaming probes); otherwise it works on a copy and stays differentiable (for the CKA loss).
 
     Example:
         >>> import torch
@@ -70,18 +71,22 @@ def centre_gram(gram: torch.Tensor, unbiased: bool) -> torch.Tensor:
         0.0
     """
     n = gram.shape[-1]
+    if unbiased and n < 4:
+        raise ValueError(f"the unbiased HSIC needs at least 4 samples per batch, got {n}")
+    centred = gram if inplace else gram.clone()
+    diagonal = centred.diagonal(dim1=-2, dim2=-1)
     if unbiased:
-        if n < 4:
-            raise ValueError(f"the unbiased HSIC needs at least 4 samples per batch, got {n}")
-        eye = torch.eye(n, dtype=torch.bool, device=gram.device)
-        gram = gram.masked_fill(eye, 0)
-        means = gram.sum(dim=-2) / (n - 2)
-        means = means - means.sum(dim=-1, keepdim=True) / (2 * (n - 1))
-        centred = gram - means[..., :, None] - means[..., None, :]
-        return centred.masked_fill(eye, 0)
-    means = gram.mean(dim=-2)
-    means = means - means.mean(dim=-1, keepdim=True) / 2
-    return gram - means[..., :, None] - means[..., None, :]
+        diagonal.zero_()
+        means = centred.sum(dim=-2) / (n - 2)
+        means -= means.sum(dim=-1, keepdim=True) / (2 * (n - 1))
+    else:
+        means = centred.mean(dim=-2)
+        means -= means.mean(dim=-1, keepdim=True) / 2
+    centred -= means[..., :, None]
+    centred -= means[..., None, :]
+    if unbiased:
+        diagonal.zero_()
+    return centred
 
 
 def hsic_scale(n: int, unbiased: bool) -> float:

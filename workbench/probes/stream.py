@@ -74,12 +74,14 @@ def paired_batches(
     device: str | torch.device = "auto",
     progress: bool = True,
     description: str = "probing",
+    check_finite: bool = True,
 ) -> Iterator[PairedBatch]:
     """Run ``data`` through both models without gradients, yielding a :class:`PairedBatch` per batch.
 
     ``student_data`` feeds the student other inputs for the same samples (e.g. another resolution or
     tokenizer); its sample count must equal ``data``'s. ``n_samples`` stops after that many samples.
-    Layers ``None`` capture nothing (outputs only). Every batch must hold at least ``min_batch`` samples (checked before the pass when the size is known).
+    Layers ``None`` capture nothing (outputs only). ``check_finite`` raises on NaN/Inf features, naming
+    the layer (a consumer that checks cheaper derived values may turn it off). Every batch must hold at least ``min_batch`` samples (checked before the pass when the size is known).
 
     Example:
         >>> import torch
@@ -147,8 +149,9 @@ def paired_batches(
                 student_output = as_tensor(student(student_inputs.to(device)))
             teacher_features = _features(teacher_acts, "teacher")
             student_features = _features(student_acts, "student")
-            _check_finite(teacher_features, "teacher", seen)
-            _check_finite(student_features, "student", seen)
+            if check_finite:
+                _check_finite(teacher_features, "teacher", seen)
+                _check_finite(student_features, "student", seen)
             yield PairedBatch(teacher_output, student_output, teacher_features, student_features, batch, n)
             seen += n
             bar.update(n)
