@@ -6,5 +6,6 @@ Example:
     'GapExplorer'
 """
 from widgets.gap_explorer import GapExplorer
+from widgets.training_monitor import TrainingMonitor
 
-__all__ = ["GapExplorer"]
+__all__ = ["GapExplorer", "TrainingMonitor"]

@@ -6,6 +6,10 @@ Example:
     >>> reports.report_parameters("gap")["n_samples"]["default"]
     450
 """
+from workbench.reports.compare import (
+    METHODS, Comparison, Method, cka_grid, command_line, method_distiller, models_summary, run_comparison,
+    seeded_model, training_set,
+)
 from workbench.reports.notebook import evaluation_data, gap_summary, report_model, setup_notebook
 from workbench.reports.runner import (
     REPORTS,
@@ -25,4 +29,6 @@ __all__ = [
     "REPORTS", "Report", "ReportRun", "ParameterError", "ReportFailed", "get_report", "report_parameters",
     "check_names", "run_report", "execute_notebook", "export_html",
     "setup_notebook", "report_model", "evaluation_data", "gap_summary",
+    "METHODS", "Method", "Comparison", "method_distiller", "run_comparison", "command_line", "seeded_model",
+    "training_set", "models_summary", "cka_grid",
 ]

@@ -57,6 +57,11 @@ REPORTS: dict[str, Report] = {
         NOTEBOOKS_DIR / "teacher_student_gap.ipynb",
         "teacher vs student: layer-by-layer CKA heatmap, best matches, prediction agreement, KL, accuracy",
     ),
+    "distill": Report(
+        "distill",
+        NOTEBOOKS_DIR / "distill_compare.ipynb",
+        "student alone vs KD, DKD, FitNet, RKD, CKA loss over seeds: accuracy table, learning curves, CKA before/after",
+    ),
 }
 
 

@@ -1,0 +1,105 @@
+"""The distill report: the notebook committed clean, the method registry, the results table, and a tiny
+end-to-end run through the CLI under papermill (slow)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from workbench import reports
+from workbench.losses import KD, FitNet
+from workbench.reports.compare import METHODS, Comparison, command_line, method_distiller
+from workbench.train import Distiller
+
+NOTEBOOK = reports.REPORTS["distill"].notebook
+# 2 methods, 1 seed, 1 epoch, 128 training images, tiny models: well under a minute with the kernel start
+SMALL = ["-p", "methods=[\"student\", \"kd\"]", "-p", "seeds=[0]", "-p", "epochs=1", "-p", "n_train=128",
+         "-p", "n_probe=64", "-p", "teacher=cnn_small", "-p", "teacher_epochs=1", "-p", 'student_kwargs={"widths": [4, 8]}',
+         "-p", "batch_size=32"]
+
+
+def test_notebook_is_committed_clean_with_a_parameters_cell():
+    nb = nbformat.read(str(NOTEBOOK), as_version=4)
+    nbformat.validate(nb)
+    code_cells = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert "parameters" in code_cells[0].metadata.get("tags", [])
+    assert all(cell.outputs == [] and cell.execution_count is None for cell in code_cells)
+    parameters = reports.report_parameters("distill")
+    assert {"teacher", "student", "methods", "epochs", "seeds", "dataset", "device", "n_probe", "lr",
+            "batch_size", "results_table"} <= set(parameters)
+    assert parameters["methods"]["default"] == ["student", "kd", "dkd", "fitnet", "rkd", "cka"]
+
+
+def test_every_method_builds_a_distiller_on_the_stages(conv_pair):
+    teacher, student = conv_pair
+    for name in METHODS:
+        model = method_distiller(name, teacher, student)
+        if name == "student":
+            assert model is student
+            continue
+        assert isinstance(model, Distiller) and list(model.terms) == [name]
+        assert model.ce_weight == 1.0
+    assert method_distiller("fitnet", teacher, student).layers == {"fitnet": ("blocks.1", "blocks.1")}
+    assert method_distiller("cka", teacher, student).layers == {"cka": ("blocks.2", "blocks.2")}
+    assert isinstance(method_distiller("kd", teacher, student, weight=0.5).terms["kd"], KD)
+    assert method_distiller("kd", teacher, student, weight=0.5).weights == {"kd": 0.5}
+    assert isinstance(method_distiller("fitnet", teacher, student).terms["fitnet"], FitNet)
+    with pytest.raises(ValueError, match="unknown method 'kdd'"):
+        method_distiller("kdd", teacher, student)
+
+
+def test_table_is_mean_and_sample_std_over_seeds(tmp_path):
+    runs = pd.DataFrame({
+        "method": ["student", "student", "kd", "kd"], "seed": [0, 1, 0, 1],
+        "accuracy": [0.80, 0.90, 0.90, 0.94], "matched_cka": [0.5, 0.7, 0.6, 0.6], "seconds": [1.0] * 4,
+    })
+    comparison = Comparison(runs, teacher_accuracy=0.98, settings={"epochs": 2})
+    table = comparison.table()
+    np.testing.assert_allclose(table["accuracy_mean"], [85.0, 92.0])
+    np.testing.assert_allclose(table["accuracy_std"], [np.std([80, 90], ddof=1), np.std([90, 94], ddof=1)])
+    np.testing.assert_allclose(table["vs_student"], [0.0, 7.0])
+    text = comparison.to_markdown()
+    assert "| student | 85.00 ± 7.07 | — | 0.600 | 2 |" in text and "| kd | 92.00 ± 2.83 | +7.00 |" in text
+    assert "| *teacher* | 98.00 |" in text
+    path = comparison.save_markdown(tmp_path / "t.md", command="kd-workbench report distill -p epochs=2")
+    assert "Made by `kd-workbench report distill -p epochs=2`" in path.read_text()
+
+
+def test_command_line_lists_only_the_changed_parameters():
+    defaults = {"epochs": 5, "seeds": [0, 1, 2], "student_kwargs": {"widths": [8, 16, 32]}}
+    assert command_line("distill", {"epochs": 5, "seeds": [0], "student_kwargs": {"widths": [4]}}, defaults) == (
+        "kd-workbench report distill -p 'seeds=[0]' -p 'student_kwargs={\"widths\": [4]}'"
+    )
+
+
+@pytest.mark.slow
+def test_distill_report_runs_end_to_end(tmp_path):
+    table = tmp_path / "table.md"
+    env = {**os.environ, "KD_WORKBENCH_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "workbench.cli", "report", "distill", *SMALL, "-p", f"results_table={table}",
+         "--output-dir", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    (run_dir,) = (tmp_path / "out" / "distill").iterdir()
+    notebook, html = run_dir / "report.ipynb", run_dir / "report.html"
+    assert notebook.is_file() and html.is_file()
+    nb = nbformat.read(str(notebook), as_version=4)
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert not [o for o in outputs if o.output_type == "stream" and o.name == "stderr" and "Traceback" in o.text]
+    markdown = "\n".join(o.data["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {}))
+    assert "| student |" in markdown and "| kd |" in markdown and "| *teacher* |" in markdown
+    mimes = {mime for o in outputs for mime in o.get("data", {})}
+    assert {"application/vnd.plotly.v1+json", "image/png"} <= mimes
+    page = html.read_text(encoding="utf-8")
+    assert "<td>kd</td>" in page  # the table, rendered
+    written = table.read_text()
+    assert "| kd |" in written and "kd-workbench report distill" in written and "'seeds=[0]'" in written
