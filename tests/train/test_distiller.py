@@ -18,14 +18,6 @@ from workbench.train import Distiller
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "distiller.md"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _pair(student_classes: int = 10):
     torch.manual_seed(0)
     teacher = models.create("cnn", widths=(8, 16), img_size=16).eval()

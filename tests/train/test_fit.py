@@ -13,15 +13,6 @@ from workbench.train import accuracy, fit, trained
 from workbench.train import cache as cache_module
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Training on a shared, busy 2-core machine is several times faster without intra-op threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def small_digits():
     x, y = digits("train").tensors

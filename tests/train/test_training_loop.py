@@ -18,14 +18,6 @@ from workbench.train import Callback, Distiller, fit, latest_checkpoint
 from workbench.train.checkpoint import list_checkpoints
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data():
     x, y = digits("train", size=16).tensors

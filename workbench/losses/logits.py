@@ -19,7 +19,28 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
 
 
-class KD(Term):
+class _TemperedDivergence(Term):
+    """Shared body: validate logits, soften both sides at ``T``, scale ``divergence(log_s, log_t)`` by T²."""
+
+    def __init__(self, T: float, teacher_detach: bool = True) -> None:
+        super().__init__(teacher_detach)
+        self.T = T
+
+    def divergence(self, log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        student, teacher, _ = logit_rows(student, self.teacher_side(teacher), targets, type(self).__name__)
+        log_s, log_t = (F.log_softmax(x / self.T, dim=1) for x in (student, teacher))
+        return self.T**2 * self.divergence(log_s, log_t)
+
+    def extra_repr(self) -> str:
+        return f"T={self.T}"
+
+
+class KD(_TemperedDivergence):
     """Classical knowledge distillation: ``T² · KL(p_t^T ‖ p_s^T)``, averaged over the batch.
 
     ``p^T = softmax(logits / T)``. Hinton, Vinyals & Dean (2015), "Distilling the Knowledge in a Neural
@@ -34,21 +55,13 @@ class KD(Term):
     """
 
     def __init__(self, T: float = 4.0, teacher_detach: bool = True) -> None:
-        super().__init__(teacher_detach)
-        self.T = T
+        super().__init__(T, teacher_detach)
 
-    def forward(
-        self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        student, teacher, _ = logit_rows(student, self.teacher_side(teacher), targets, "KD")
-        log_s, log_t = (F.log_softmax(x / self.T, dim=1) for x in (student, teacher))
-        return self.T**2 * _kl(log_t, log_s)
-
-    def extra_repr(self) -> str:
-        return f"T={self.T}"
+    def divergence(self, log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
+        return _kl(log_t, log_s)
 
 
-class ReverseKL(Term):
+class ReverseKL(_TemperedDivergence):
     """Reverse KL: ``T² · KL(p_s^T ‖ p_t^T)`` — mode-seeking, the student's own mass is what is weighed.
 
     Used for language models by MiniLLM (Gu et al. 2024, "MiniLLM: Knowledge Distillation of Large
@@ -63,21 +76,13 @@ class ReverseKL(Term):
     """
 
     def __init__(self, T: float = 1.0, teacher_detach: bool = True) -> None:
-        super().__init__(teacher_detach)
-        self.T = T
+        super().__init__(T, teacher_detach)
 
-    def forward(
-        self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        student, teacher, _ = logit_rows(student, self.teacher_side(teacher), targets, "ReverseKL")
-        log_s, log_t = (F.log_softmax(x / self.T, dim=1) for x in (student, teacher))
-        return self.T**2 * _kl(log_s, log_t)
-
-    def extra_repr(self) -> str:
-        return f"T={self.T}"
+    def divergence(self, log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
+        return _kl(log_s, log_t)
 
 
-class JensenShannon(Term):
+class JensenShannon(_TemperedDivergence):
     """Jensen–Shannon divergence: ``T² · [½ KL(p_t ‖ m) + ½ KL(p_s ‖ m)]``, ``m = ½ (p_t + p_s)``.
 
     Symmetric and bounded by ``T² ln 2``. Lin (1991), "Divergence measures based on the Shannon
@@ -92,16 +97,8 @@ class JensenShannon(Term):
     """
 
     def __init__(self, T: float = 1.0, teacher_detach: bool = True) -> None:
-        super().__init__(teacher_detach)
-        self.T = T
+        super().__init__(T, teacher_detach)
 
-    def forward(
-        self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        student, teacher, _ = logit_rows(student, self.teacher_side(teacher), targets, "JensenShannon")
-        log_s, log_t = (F.log_softmax(x / self.T, dim=1) for x in (student, teacher))
+    def divergence(self, log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
         log_m = torch.logsumexp(torch.stack([log_s, log_t]), dim=0) - math.log(2.0)
-        return self.T**2 * 0.5 * (_kl(log_t, log_m) + _kl(log_s, log_m))
-
-    def extra_repr(self) -> str:
-        return f"T={self.T}"
+        return 0.5 * (_kl(log_t, log_m) + _kl(log_s, log_m))
