@@ -106,6 +106,7 @@ def test_smoke_run_matches_the_reference_and_renders(bench, in_process):
     results = bench.measure(dict(TINY), peers, log=lambda text: None, runner=in_process)
     ours = results["time"]["ours"]
     assert len(ours["seconds"]) == len(ours["forward_seconds"]) == len(ours["gram_seconds"]) == 1
+    assert len(ours["hooked_seconds"]) == 1
     match = bench.compare_to_reference(ours["values"], results["reference"]["reference"])
     assert match["max_abs_diff"] < 1e-6 and match["n_off"] == 0
     assert results["memory"]["ours@96"]["rss_growth_bytes"] > 0
