@@ -608,8 +608,9 @@ def render_markdown(results: dict) -> str:
         f"{flops['gram_macs'] / grams / 1e9:.1f} GMAC/s (full-product count), so the floor at the measured "
         f"rates is 1 + c/a = **{1 + grams / a:.2f}**. What (b) spends beyond its own hooked forward passes "
         f"(a′) and the Gram products (c) — centring, U-centring, casts, checks, sums: b − a′ − c = "
-        f"{b - hooked - grams:.2f} s ({(b - hooked - grams) / a:.2f} × (a)). (a′) can be faster than (a): the bare "
-        "loop frees each activation at once and page-faults fresh memory for the next.", "",
+        f"{b - hooked - grams:.2f} s ({(b - hooked - grams) / a:.2f} × (a)). (a′) ran faster than (a) in quiet runs; a "
+        "likely cause (not verified): the bare loop frees each activation at once and page-faults fresh memory "
+        "for the next (its system time is several times (a′)'s).", "",
     ]
     lines += memory_section(results)
     lines += values_section(results)
