@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from machine import cpu_model
+
 LAYERS = [f"blocks.{index}" for index in range(6)] + ["pool", "head"]
 # distribution name -> (what its W1 run calls, the estimator it implements, read from its source)
 PEERS = {
@@ -432,13 +434,7 @@ def measure(config: dict, peers: list[str], log=print, runner=None) -> dict:
 
 
 def machine_info(device: str, threads: int) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": f"{cpu}, {os.cpu_count()} logical CPUs, torch threads {threads}", "torch": torch.__version__,
+    info = {"cpu": f"{cpu_model()}, torch threads {threads}", "torch": torch.__version__,
             "python": platform.python_version(), "os": platform.platform(terse=True)}
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()

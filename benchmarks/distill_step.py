@@ -33,6 +33,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from machine import cpu_model
+
 FULL = dict(teacher_widths=(32, 64, 128), student_widths=(16, 32, 64), batch_size=128, size=32, steps=60, warmup=10)
 TINY = dict(teacher_widths=(8, 16), student_widths=(4, 8), batch_size=8, size=16, steps=3, warmup=1)
 HINT = ("blocks.1", "blocks.1")
@@ -137,14 +139,8 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
 
 def machine(device: str) -> dict[str, str]:
     """What the numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     accelerator = torch.cuda.get_device_name() if device.startswith("cuda") else "none (CPU)"
-    return {"cpu": f"{cpu}, {os.cpu_count()} logical CPUs", "accelerator": accelerator,
+    return {"cpu": cpu_model(), "accelerator": accelerator,
             "software": f"torch {torch.__version__}, Python {platform.python_version()}, {platform.platform()}"}
 
 

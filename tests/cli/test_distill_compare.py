@@ -17,19 +17,13 @@ from workbench.losses import KD, FitNet
 from workbench.reports.compare import METHODS, Comparison, command_line, method_distiller
 from workbench.train import Distiller
 
-NOTEBOOK = reports.REPORTS["distill"].notebook
 # 2 methods, 1 seed, 1 epoch, 128 training images, tiny models: well under a minute with the kernel start
 SMALL = ["-p", "methods=[\"student\", \"kd\"]", "-p", "seeds=[0]", "-p", "epochs=1", "-p", "n_train=128",
          "-p", "n_probe=64", "-p", "teacher=cnn_small", "-p", "teacher_epochs=1", "-p", 'student_kwargs={"widths": [4, 8]}',
          "-p", "batch_size=32"]
 
 
-def test_notebook_is_committed_clean_with_a_parameters_cell():
-    nb = nbformat.read(str(NOTEBOOK), as_version=4)
-    nbformat.validate(nb)
-    code_cells = [cell for cell in nb.cells if cell.cell_type == "code"]
-    assert "parameters" in code_cells[0].metadata.get("tags", [])
-    assert all(cell.outputs == [] and cell.execution_count is None for cell in code_cells)
+def test_notebook_parameters():
     parameters = reports.report_parameters("distill")
     assert {"teacher", "student", "methods", "epochs", "seeds", "dataset", "device", "n_probe", "lr",
             "batch_size", "results_table"} <= set(parameters)

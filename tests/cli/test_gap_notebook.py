@@ -19,12 +19,8 @@ SMALL = ["-p", "n_samples=64", "-p", "batch_size=32", "-p", "epochs=1", "-p", "t
          "-p", "student=cnn_small", "-p", 'student_kwargs={"widths": [4, 8]}']
 
 
-def test_notebook_is_committed_clean_with_a_parameters_cell():
-    nb = nbformat.read(str(NOTEBOOK), as_version=4)
-    nbformat.validate(nb)
-    code_cells = [cell for cell in nb.cells if cell.cell_type == "code"]
-    assert "parameters" in code_cells[0].metadata.get("tags", [])
-    assert all(cell.outputs == [] and cell.execution_count is None for cell in code_cells)
+def test_notebook_holds_the_report():
+    code_cells = [cell for cell in nbformat.read(str(NOTEBOOK), as_version=4).cells if cell.cell_type == "code"]
     source = "\n".join(cell.source for cell in code_cells)
     assert "setup_notebook()" in source and "cka.figure()" in source and "cka.plot()" in source
 
