@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import sys
 import warnings
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from workbench.similarity import CKAAccumulator, linear_cka
 
 BENCHMARK = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "cka_matrix.py"
+sys.path.insert(0, str(BENCHMARK.parent))  # the scripts import their sibling machine.py
 TINY = dict(n_samples=48, big_n_samples=96, batch_size=24, repeats=1, reference_subset=24, device="cpu", threads=1)
 
 

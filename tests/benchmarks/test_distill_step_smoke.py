@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import sys
 
 import pytest
 import torch
 
 BENCHMARK = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "distill_step.py"
+sys.path.insert(0, str(BENCHMARK.parent))  # the scripts import their sibling machine.py
 
 
 @pytest.fixture(scope="module")
