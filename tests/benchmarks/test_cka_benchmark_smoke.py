@@ -2,28 +2,21 @@
 its FLOP count and its table — never its timings (those live in the benchmark itself)."""
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
+from benchmark_scripts import load_benchmark
 from workbench.similarity import CKAAccumulator, linear_cka
 
-BENCHMARK = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "cka_matrix.py"
-sys.path.insert(0, str(BENCHMARK.parent))  # the scripts import their sibling machine.py
 TINY = dict(n_samples=48, big_n_samples=96, batch_size=24, repeats=1, reference_subset=24, device="cpu", threads=1)
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("cka_matrix_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("cka_matrix")
 
 
 @pytest.fixture
@@ -111,7 +104,9 @@ def test_smoke_run_matches_the_reference_and_renders(bench, in_process):
     assert len(ours["hooked_seconds"]) == 1
     match = bench.compare_to_reference(ours["values"], results["reference"]["reference"])
     assert match["max_abs_diff"] < 1e-6 and match["n_off"] == 0
-    assert results["memory"]["ours@96"]["rss_growth_bytes"] > 0
+    # structure only: at this tiny size, in a process that already holds freed memory, growth can be 0
+    assert isinstance(results["memory"]["ours@96"]["rss_growth_bytes"], int)
+    assert results["memory"]["ours@96"]["rss_growth_bytes"] >= 0
     text = bench.render_markdown(results)
     assert "**b/a = " in text and "| workbench `cka_matrix` |" in text and "| ours | 96 |" in text
     if "ckatorch" in peers:  # it cannot run W1: a result in the table, not a crash

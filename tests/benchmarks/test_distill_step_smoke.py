@@ -2,23 +2,16 @@
 their structure and the table renders — never the timings (those live in the benchmark itself)."""
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
 
 import pytest
 import torch
 
-BENCHMARK = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "distill_step.py"
-sys.path.insert(0, str(BENCHMARK.parent))  # the scripts import their sibling machine.py
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("distill_step_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("distill_step")
 
 
 def test_tiny_run_has_the_structure_and_renders(bench, tmp_path):

@@ -165,8 +165,10 @@ def test_result_round_trips_and_renders(conv_pair, images, tmp_path):
     figure = result.figure()
     np.testing.assert_array_equal(figure.data[0].z, result.values)
     assert "teacher layer" in figure.data[0].hovertemplate
+    other = tmp_path / "other.json"
+    other.write_text('{"type": "PredictionResult"}')
     with pytest.raises(ValueError, match="does not hold a CKAResult"):
-        CKAResult.load(tmp_path.joinpath("other.json").write_text('{"type": "X"}') and tmp_path / "other.json")
+        CKAResult.load(other)
 
 
 class NaNAtSecondBlock(nn.Module):
