@@ -14,7 +14,7 @@ import torch
 
 from workbench import reports
 from workbench.losses import KD, FitNet
-from workbench.reports.compare import METHODS, Comparison, command_line, method_distiller
+from workbench.reports.compare import METHODS, Comparison, command_line, method_distiller, run_comparison
 from workbench.train import Distiller
 
 # 2 methods, 1 seed, 1 epoch, 128 training images, tiny models: well under a minute with the kernel start
@@ -50,16 +50,21 @@ def test_every_method_builds_a_distiller_on_the_stages(conv_pair):
 
 def test_table_is_mean_and_sample_std_over_seeds(tmp_path):
     runs = pd.DataFrame({
-        "method": ["student", "student", "kd", "kd"], "seed": [0, 1, 0, 1],
-        "accuracy": [0.80, 0.90, 0.90, 0.94], "matched_cka": [0.5, 0.7, 0.6, 0.6], "seconds": [1.0] * 4,
+        "method": ["student", "student", "kd", "kd", "dkd", "dkd", "dkd"], "seed": [0, 1, 0, 1, 0, 1, 2],
+        "accuracy": [0.80, 0.90, 0.90, 0.94, 0.85, 0.85, 0.99], "matched_cka": [0.5, 0.7, 0.6, 0.6, 0.1, 0.2, 0.3],
+        "seconds": [1.0] * 7,
     })
     comparison = Comparison(runs, teacher_accuracy=0.98, settings={"epochs": 2})
     table = comparison.table()
-    np.testing.assert_allclose(table["accuracy_mean"], [85.0, 92.0])
-    np.testing.assert_allclose(table["accuracy_std"], [np.std([80, 90], ddof=1), np.std([90, 94], ddof=1)])
-    np.testing.assert_allclose(table["vs_student"], [0.0, 7.0])
+    np.testing.assert_allclose(table["accuracy_mean"], [85.0, 92.0, 89.666666666])
+    np.testing.assert_allclose(table["accuracy_std"], [np.std([80, 90], ddof=1), np.std([90, 94], ddof=1),
+                                                       np.std([85, 85, 99], ddof=1)])
+    np.testing.assert_allclose(table["vs_student"], [0.0, 7.0, 89.666666666 - 85.0])
+    # paired by seed: dkd beats 0.80 on seed 0, loses to 0.90 on seed 1; its seed 2 has no student run
+    assert table["wins"].tolist() == [0, 2, 1] and table["paired_seeds"].tolist() == [2, 2, 2]
     text = comparison.to_markdown()
-    assert "| student | 85.00 ± 7.07 | — | 0.600 | 2 |" in text and "| kd | 92.00 ± 2.83 | +7.00 |" in text
+    assert "| student | 85.00 ± 7.07 | — | — | 0.600 | 2 |" in text
+    assert "| kd | 92.00 ± 2.83 | +7.00 | 2/2 | 0.600 | 2 |" in text and "| dkd | 89.67 ± 8.08 | +4.67 | 1/2 |" in text
     assert "| *teacher* | 98.00 |" in text
     path = comparison.save_markdown(tmp_path / "t.md", command="kd-workbench report distill -p epochs=2")
     assert "Made by `kd-workbench report distill -p epochs=2`" in path.read_text()
@@ -97,3 +102,17 @@ def test_distill_report_runs_end_to_end(tmp_path):
     assert "<td>kd</td>" in page  # the table, rendered
     written = table.read_text()
     assert "| kd |" in written and "kd-workbench report distill" in written and "'seeds=[0]'" in written
+
+
+def test_run_comparison_refuses_bad_method_and_seed_lists_before_training(conv_pair):
+    teacher, student = conv_pair
+    data = (torch.zeros(8, 3, 16, 16), torch.zeros(8, dtype=torch.long))
+    calls = []
+    make = lambda seed: calls.append(seed) or student  # noqa: E731
+    for methods, seeds, message in [(["student", "kdd"], [0], "unknown methods \\['kdd'\\]"),
+                                    (["student"], [], "at least one method and one seed"),
+                                    (["student", "kd"], [0, 0], "must not repeat"),
+                                    (["kd", "kd"], [0], "must not repeat")]:
+        with pytest.raises(ValueError, match=message):
+            run_comparison(teacher, make, data, data, methods, seeds, device="cpu")
+    assert calls == []  # nothing was built or trained

@@ -21,6 +21,7 @@ from torch import nn
 
 from workbench import losses
 from workbench.capture import stage_names
+from workbench.data import num_samples
 from workbench.probes.cka_result import CKAResult
 from workbench.probes.cka_stream import cka_matrix
 from workbench.train.distiller import Distiller
@@ -121,7 +122,9 @@ class Comparison:
         return list(dict.fromkeys(self.runs["method"]))
 
     def table(self) -> pd.DataFrame:
-        """Per method: seeds, test accuracy mean and std (%), Δ vs ``"student"``, matched-stage CKA mean."""
+        """Per method: seeds, test accuracy mean and std (%), Δ vs ``"student"`` (points), ``wins``: on how
+        many of the ``paired_seeds`` (seeds the student alone also ran with: same initial weights and batch
+        order) the method beat the student alone, and the matched-stage CKA mean."""
         grouped = self.runs.groupby("method", sort=False)
         table = pd.DataFrame({
             "seeds": grouped["seed"].count(),
@@ -132,20 +135,27 @@ class Comparison:
         })
         if "student" in table.index:
             table.insert(3, "vs_student", table["accuracy_mean"] - table.loc["student", "accuracy_mean"])
+            alone = self.runs[self.runs["method"] == "student"].set_index("seed")["accuracy"]
+            paired = self.runs[self.runs["seed"].isin(alone.index)]
+            better = paired["accuracy"].to_numpy() > alone.loc[paired["seed"]].to_numpy()
+            table.insert(4, "wins", pd.Series(better, index=paired.index).groupby(paired["method"]).sum())
+            table.insert(5, "paired_seeds", paired.groupby("method")["seed"].count())
         return table
 
     def to_markdown(self) -> str:
         """The table as Markdown: ``accuracy % (mean ± std)`` per method, the teacher's accuracy last."""
         table = self.table()
-        lines = ["| method | test accuracy % (mean ± std) | vs student (points) | matched-stage CKA | seeds |",
-                 "|---|---|---|---|---|"]
+        lines = ["| method | test accuracy % (mean ± std) | vs student (points) | beats student (paired seeds) "
+                 "| matched-stage CKA | seeds |", "|---|---|---|---|---|---|"]
         for name, row in table.iterrows():
-            delta = f"{row['vs_student']:+.2f}" if "vs_student" in table and name != "student" else "—"
+            compared = "vs_student" in table and name != "student"
+            delta = f"{row['vs_student']:+.2f}" if compared else "—"
+            wins = f"{int(row['wins'])}/{int(row['paired_seeds'])}" if compared else "—"
             cka = "—" if np.isnan(row["matched_cka"]) else f"{row['matched_cka']:.3f}"
-            lines.append(f"| {name} | {row['accuracy_mean']:.2f} ± {row['accuracy_std']:.2f} | {delta} | {cka} "
-                         f"| {int(row['seeds'])} |")
+            lines.append(f"| {name} | {row['accuracy_mean']:.2f} ± {row['accuracy_std']:.2f} | {delta} | {wins} "
+                         f"| {cka} | {int(row['seeds'])} |")
         if self.teacher_accuracy is not None:
-            lines.append(f"| *teacher* | {100 * self.teacher_accuracy:.2f} | | | |")
+            lines.append(f"| *teacher* | {100 * self.teacher_accuracy:.2f} | | | | |")
         return "\n".join(lines)
 
     def curves(self) -> pd.DataFrame:
@@ -215,8 +225,6 @@ def _whole_batches(train: Any, batch_size: int, smallest: int = 4) -> Any:
     (batch terms such as CKALoss and RKD need several samples); the same data for every method."""
     from torch.utils.data import Dataset, Subset
 
-    from workbench.data import num_samples
-
     n_samples = num_samples(train)
     if not isinstance(train, Dataset) or n_samples is None or 0 < n_samples % batch_size >= smallest:
         return train
@@ -270,6 +278,8 @@ def run_comparison(
         raise ValueError(f"unknown methods {unknown}; the methods are {list(METHODS)}")
     if not methods or not seeds:
         raise ValueError(f"need at least one method and one seed, got methods={list(methods)}, seeds={list(seeds)}")
+    if len(set(seeds)) != len(seeds) or len(set(methods)) != len(methods):
+        raise ValueError(f"methods and seeds must not repeat, got methods={list(methods)}, seeds={list(seeds)}")
     weights = dict(weights or {})
     train = _whole_batches(train, batch_size)
     rows, histories, results = [], {}, {}
@@ -298,7 +308,8 @@ def run_comparison(
             rows.append({"method": method, "seed": seed, "accuracy": score, "matched_cka": matched, "seconds": seconds})
             if log is not None:
                 log(f"{method} seed {seed}: test accuracy {score:.2%} in {seconds:.1f} s")
-    settings = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seeds": list(seeds), "weights": weights}
+    settings = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seeds": list(seeds), "weights": weights,
+                "train_samples": num_samples(train)}
     return Comparison(pd.DataFrame(rows), histories, results, before, accuracy(teacher, test, device=device), settings)
 
 

@@ -133,20 +133,24 @@ def _setup_distributed(device: str | torch.device) -> tuple[torch.device, int, i
 
 
 def _amp(amp: str | bool | None, device: torch.device) -> tuple[torch.dtype | None, Any]:
-    """``(autocast dtype or None, GradScaler or None)``: bf16 where supported, else fp16 with a scaler."""
+    """``(autocast dtype or None, GradScaler or None)``: bf16 where supported, else fp16 with a scaler.
+
+    ``"auto"`` turns autocast on for CUDA only; an explicit ``"bf16"`` / ``"fp16"`` also runs on the CPU
+    (CPU autocast; fp16 with a CPU GradScaler), through the same code as on CUDA.
+    """
     if amp in (False, None, "off"):
         return None, None
     if amp is not True and amp not in AMP_MODES:
         raise ValueError(f"amp must be one of {AMP_MODES}, True or False; got {amp!r}")
-    if device.type != "cuda":
-        if amp in ("auto", True):
-            return None, None
-        raise ValueError(f"amp={amp!r} needs a CUDA device, got {device}; use amp='auto' or 'off' here")
     if amp in ("auto", True):
+        if device.type != "cuda":
+            return None, None
         amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"amp={amp!r} runs on CUDA or the CPU, got {device}; use amp='auto' or 'off' here")
     if amp == "bf16":
         return torch.bfloat16, None
-    return torch.float16, torch.amp.GradScaler("cuda")
+    return torch.float16, torch.amp.GradScaler(device.type)
 
 
 def _make_optimizer(objective: nn.Module, optimizer: OptimizerLike | None, lr: float) -> torch.optim.Optimizer:
@@ -333,7 +337,8 @@ def fit(
     parameters) is given; ``scheduler`` is a callable ``optimizer -> LR scheduler`` stepped after every
     step (``schedule="cosine"`` is a shortcut). A Distiller is built on the first batch before the
     optimizer is made, so its projectors are trained. ``amp="auto"`` uses bf16 autocast (fp16 with a
-    GradScaler where bf16 is missing) on CUDA and nothing elsewhere; ``"bf16"``, ``"fp16"``, ``"off"``.
+    GradScaler where bf16 is missing) on CUDA and nothing elsewhere; ``"bf16"`` and ``"fp16"`` (with a
+    GradScaler) force it, on CUDA or the CPU; ``"off"``.
 
     Columns: ``epoch``, ``step`` (from 1), ``loss`` (the weighted total), each term's unweighted
     value (``ce``, ...) for a Distiller, ``lr``, and ``eval_accuracy`` (the student's top-1) on each

@@ -1,0 +1,24 @@
+"""A test loss term that misbehaves on one chosen training step (the fit tests' NaN and overflow cases)."""
+from __future__ import annotations
+
+import torch
+
+from workbench.losses import Term
+
+
+class SpikeAt(Term):
+    """``factor × sum(student)`` on its ``at``-th training call, 0 (with zero gradient) on the others.
+
+    ``factor=nan`` makes a non-finite loss; a large finite factor makes a finite loss whose fp16 gradient
+    overflows once a GradScaler has scaled it.
+    """
+
+    def __init__(self, at: int, factor: float):
+        super().__init__()
+        self.at, self.factor, self.calls = at, factor, 0
+
+    def forward(self, student, teacher, targets=None):
+        if not torch.is_grad_enabled():
+            return student.float().sum() * 0  # Distiller.build's forward does not count
+        self.calls += 1
+        return student.float().sum() * (self.factor if self.calls == self.at else 0.0)
