@@ -549,7 +549,7 @@ def render_markdown(results: dict) -> str:
     a, b, grams = _median(ours["forward_seconds"]), _median(ours["seconds"]), _median(ours["gram_seconds"])
     hooked = _median(ours.get("hooked_seconds", []))
     share = results.get("other_cpu_share")
-    n, big = config["n_samples"], config["big_n_samples"]
+    n = config["n_samples"]
     lines = [
         "# `cka_matrix` benchmark, workload W1", "",
         f"Made by `{results.get('command', 'python benchmarks/cka_matrix.py')}` on {date.today().isoformat()}.", "",

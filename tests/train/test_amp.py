@@ -13,6 +13,7 @@ from workbench.data import digits
 from workbench.losses import KD
 from workbench.train import Callback, Distiller, fit, latest_checkpoint
 from workbench.train.checkpoint import load_checkpoint
+from workbench.train.precision import autocast_settings
 
 SETTINGS = dict(epochs=1, batch_size=32, lr=3e-3, device="cpu", seed=0, progress=False)
 
@@ -90,9 +91,7 @@ def test_amp_modes_and_devices():
 
 
 def test_forced_amp_on_another_device_is_refused_by_name():
-    from workbench.train.fit import _amp
-
     with pytest.raises(ValueError, match="amp='fp16' runs on CUDA or the CPU, got mps"):
-        _amp("fp16", torch.device("mps"))
-    assert _amp("auto", torch.device("mps")) == (None, None)
-    assert _amp("bf16", torch.device("cpu")) == (torch.bfloat16, None)
+        autocast_settings("fp16", torch.device("mps"))
+    assert autocast_settings("auto", torch.device("mps")) == (None, None)
+    assert autocast_settings("bf16", torch.device("cpu")) == (torch.bfloat16, None)

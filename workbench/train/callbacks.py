@@ -8,7 +8,7 @@ and ``load_state_dict(d)`` is saved with every checkpoint and restored on resume
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 import torch

@@ -9,29 +9,27 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import islice
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset
 from tqdm.auto import tqdm
 
 from workbench.data.loaders import as_loader, inputs_of, targets_of
 from workbench.devices import resolve_device
 from workbench.train.callbacks import TrainState
 from workbench.train.checkpoint import Checkpointer
+from workbench.train.distributed import EpochBatches, setup_distributed, wrap_ddp
 from workbench.train.distiller import Distiller, cross_entropy, logits_of, run_model, to_device
+from workbench.train.precision import autocast_settings
 
 __all__ = ["fit", "accuracy", "logits_of", "History"]
 
 History = pd.DataFrame  # one row per step: epoch, step, loss, each term, lr (+ eval_accuracy per epoch)
 SCHEDULES = ("constant", "cosine")
-AMP_MODES = ("auto", "bf16", "fp16", "off")
 OptimizerLike = torch.optim.Optimizer | Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -55,54 +53,6 @@ def _forward(model: nn.Module, inputs: Any) -> torch.Tensor:
     return logits_of(run_model(model, inputs))
 
 
-class _EpochBatches:
-    """This rank's batches of each epoch: samples ordered by ``seed + epoch``, each rank a share of every
-    global batch of ``batch_size`` (rank r takes positions r, r + world, ... of it)."""
-
-    def __init__(self, data: Any, batch_size: int, seed: int, rank: int, world: int) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if batch_size % world:
-            raise ValueError(f"batch_size={batch_size} is the global batch; it must divide evenly among {world} ranks")
-        self.loader: DataLoader | None = None
-        if isinstance(data, DataLoader):
-            if world > 1 and not isinstance(data.sampler, DistributedSampler):
-                raise ValueError(
-                    "under torchrun, pass the training data as tensors or a Dataset (fit shards it with a "
-                    "DistributedSampler), or a DataLoader whose sampler is a DistributedSampler"
-                )
-            self.loader = data
-        else:
-            base = as_loader(data, batch_size=batch_size)
-            if isinstance(base.dataset, IterableDataset):
-                if world > 1:
-                    raise ValueError("under torchrun, fit needs a map-style dataset (with __getitem__) to shard")
-                self.loader = base
-            else:
-                self.dataset = base.dataset
-                self.sampler = DistributedSampler(self.dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-                self.batch_sampler = BatchSampler(self.sampler, batch_size // world, drop_last=False)
-        try:
-            self.per_epoch: int | None = len(self.loader if self.loader is not None else self.batch_sampler)
-        except TypeError:  # an IterableDataset without __len__
-            self.per_epoch = None
-
-    def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[int, Any]]:
-        """``(batch index in the epoch, batch)`` from batch ``skip`` on (skipped batches are not loaded)."""
-        if self.loader is not None:
-            if hasattr(self.loader.sampler, "set_epoch"):
-                self.loader.sampler.set_epoch(epoch - 1)
-            return islice(enumerate(self.loader), skip, None)
-        self.sampler.set_epoch(epoch - 1)
-        index_batches = list(self.batch_sampler)[skip:]
-        return enumerate(DataLoader(self.dataset, batch_sampler=index_batches), start=skip)
-
-    def first(self) -> Any:
-        for _, batch in self.epoch(1):
-            return batch
-        raise ValueError("the training data holds no samples")
-
-
 def _rng_scope(device: torch.device) -> Any:
     """Fork the global RNG so seeding inside ``fit`` does not change the caller's random stream."""
     devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
@@ -111,46 +61,6 @@ def _rng_scope(device: torch.device) -> Any:
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
     return int(np.random.SeedSequence([seed % 2**63, rank, step]).generate_state(1, np.uint64)[0] % 2**63)
-
-
-def _setup_distributed(device: str | torch.device) -> tuple[torch.device, int, int]:
-    """``(device, rank, world_size)``; starts the process group when torchrun's variables say so."""
-    import torch.distributed as dist
-
-    wanted = resolve_device(device)
-    if not dist.is_available():
-        return wanted, 0, 1
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 and "MASTER_ADDR" in os.environ
-    if not dist.is_initialized() and launched:
-        if wanted.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if wanted.type == "cuda" else "gloo")
-    if not dist.is_initialized():
-        return wanted, 0, 1
-    if wanted.type == "cuda" and wanted.index is None:
-        wanted = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
-    return wanted, dist.get_rank(), dist.get_world_size()
-
-
-def _amp(amp: str | bool | None, device: torch.device) -> tuple[torch.dtype | None, Any]:
-    """``(autocast dtype or None, GradScaler or None)``: bf16 where supported, else fp16 with a scaler.
-
-    ``"auto"`` turns autocast on for CUDA only; an explicit ``"bf16"`` / ``"fp16"`` also runs on the CPU
-    (CPU autocast; fp16 with a CPU GradScaler), through the same code as on CUDA.
-    """
-    if amp in (False, None, "off"):
-        return None, None
-    if amp is not True and amp not in AMP_MODES:
-        raise ValueError(f"amp must be one of {AMP_MODES}, True or False; got {amp!r}")
-    if amp in ("auto", True):
-        if device.type != "cuda":
-            return None, None
-        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type not in ("cuda", "cpu"):
-        raise ValueError(f"amp={amp!r} runs on CUDA or the CPU, got {device}; use amp='auto' or 'off' here")
-    if amp == "bf16":
-        return torch.bfloat16, None
-    return torch.float16, torch.amp.GradScaler(device.type)
 
 
 def _make_optimizer(objective: nn.Module, optimizer: OptimizerLike | None, lr: float) -> torch.optim.Optimizer:
@@ -240,7 +150,7 @@ class _Loop:
     scheduler: Any
     scaler: Any
     dtype: torch.dtype | None
-    batches: _EpochBatches
+    batches: EpochBatches
     checkpoints: Checkpointer
     callbacks: list[Any]
     state: TrainState
@@ -287,17 +197,6 @@ def _check_arguments(eval: Any, eval_data: Any, epochs: int, schedule: str, chec
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir= (where the checkpoints are)")
     return eval if eval is not None else eval_data
-
-
-def _wrap_ddp(objective: nn.Module, device: torch.device, first_batch: Any) -> nn.Module:
-    """DistributedDataParallel around the student (+ projectors); the teacher stays outside it."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    # Without labels and logit terms, the student's layers after the deepest hint get no gradient.
-    unused = isinstance(objective, Distiller) and not objective.logit_terms() and targets_of(first_batch) is None
-    return DistributedDataParallel(
-        objective, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused
-    )
 
 
 def _history(rows: list[dict[str, Any]], with_eval: bool) -> History:
@@ -363,27 +262,27 @@ def fit(
         (4, ['epoch', 'step', 'loss', 'lr'])
     """
     eval = _check_arguments(eval, eval_data, epochs, schedule, checkpoint_dir, checkpoint_every, resume)
-    device, rank, world = _setup_distributed(device)
+    device, rank, world = setup_distributed(device)
     distiller = model if isinstance(model, Distiller) else None
     objective = distiller if distiller is not None else _Supervised(model)
     objective.to(device)
     callbacks = list(callbacks)
     with _rng_scope(device):
         torch.manual_seed(seed)
-        batches = _EpochBatches(train, batch_size, seed, rank, world)
+        batches = EpochBatches(train, batch_size, seed, rank, world)
         first = to_device(batches.first(), device) if distiller is not None else None
         if distiller is not None and distiller.unbuilt_terms():
             distiller.build(first)
         opt = _make_optimizer(objective, optimizer, lr)
         total = None if batches.per_epoch is None else epochs * batches.per_epoch
         sched = _make_scheduler(opt, scheduler, schedule, total)
-        dtype, scaler = _amp(amp, device)
+        dtype, scaler = autocast_settings(amp, device)
         checkpoints = Checkpointer(
             checkpoint_dir, checkpoint_every, distiller or model, {"optimizer": opt, "scheduler": sched, "scaler": scaler},
             {"seed": seed, "batch_size": batch_size, "world_size": world}, callbacks, rank, world,
         )
         loaded = checkpoints.resume() if resume else None
-        module = _wrap_ddp(objective, device, first) if world > 1 else objective
+        module = wrap_ddp(objective, device, first) if world > 1 else objective
         state = TrainState(model=model, distiller=distiller, student=distiller.student if distiller else model,
                            optimizer=opt, device=device, epochs=epochs, rank=rank, world_size=world,
                            rows=list(loaded.history) if loaded else [])
