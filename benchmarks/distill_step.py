@@ -76,8 +76,11 @@ def build(config: dict[str, Any], pair: str, seed: int = 0) -> dict[str, Any]:
 
     def make(side: tuple[str, dict[str, Any]]) -> torch.nn.Module:
         name, kwargs = side
-        sized = {} if name.startswith("resnet") else {"img_size": config["size"]}  # timm resnets take any size
-        return models.create(name, **kwargs, **sized, in_chans=3, num_classes=10).to(device)
+        try:
+            model = models.create(name, **kwargs, img_size=config["size"], in_chans=3, num_classes=10)
+        except TypeError:  # a model without an img_size argument (timm's resnets take any size)
+            model = models.create(name, **kwargs, in_chans=3, num_classes=10)
+        return model.to(device)
 
     teacher = make(spec["teacher"]).eval().requires_grad_(False)
     inputs = torch.randn(config["batch_size"], 3, config["size"], config["size"], device=device)

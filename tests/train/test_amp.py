@@ -79,15 +79,13 @@ def test_fp16_scaler_skips_the_overflowing_step_halves_its_scale_and_is_checkpoi
     assert restored.get_scale() == 32768.0
 
 
-def test_amp_modes_and_devices():
+def test_amp_modes_and_devices(train):
     distiller = _distiller()
     recorder = HeadWeights(distiller)
-    x, y = digits("train", size=16).tensors
-    small = TensorDataset(x[:64], y[:64])
-    assert fit(distiller, small, amp="auto", callbacks=[recorder], **SETTINGS)["loss"].notna().all()
+    assert fit(distiller, train, amp="auto", callbacks=[recorder], **SETTINGS)["loss"].notna().all()
     assert recorder.dtypes == {torch.float32}  # "auto" is off on the CPU
     with pytest.raises(ValueError, match="amp must be one of"):
-        fit(_distiller(), small, amp="fp8", **SETTINGS)
+        fit(_distiller(), train, amp="fp8", **SETTINGS)
 
 
 def test_forced_amp_on_another_device_is_refused_by_name():
