@@ -76,11 +76,7 @@ def build(config: dict[str, Any], pair: str, seed: int = 0) -> dict[str, Any]:
 
     def make(side: tuple[str, dict[str, Any]]) -> torch.nn.Module:
         name, kwargs = side
-        try:
-            model = models.create(name, **kwargs, img_size=config["size"], in_chans=3, num_classes=10)
-        except TypeError:  # a model without an img_size argument (timm's resnets take any size)
-            model = models.create(name, **kwargs, in_chans=3, num_classes=10)
-        return model.to(device)
+        return models.create_sized(name, config["size"], **kwargs, in_chans=3, num_classes=10).to(device)
 
     teacher = make(spec["teacher"]).eval().requires_grad_(False)
     inputs = torch.randn(config["batch_size"], 3, config["size"], config["size"], device=device)

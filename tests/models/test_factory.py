@@ -154,3 +154,24 @@ def test_available_lists_builtins():
     assert {"cnn", "cnn_small", "bench_cnn", "vit", "mlp", "bert_tiny", "gpt2_tiny"} <= set(names)
     for name in names:
         assert isinstance(models.create(name), torch.nn.Module)
+
+
+def test_create_sized_passes_img_size_only_where_the_model_takes_it():
+    assert models.create_sized("cnn", 16, widths=(4,)).img_size == 16
+    assert models.create_sized("bench_cnn", 24, width_mult=0.25).img_size == 24
+    assert models.create_sized("vit_tiny_patch16_224", 32, patch_size=8).patch_embed.img_size == (32, 32)  # timm
+    assert models.create_sized("mlp", 8)(torch.zeros(2, 1, 8, 8)).shape == (2, 10)  # its inputs sized by img_size
+    resnet = models.create_sized("resnet18", 32, num_classes=4)  # timm resnet: any size, no img_size
+    assert resnet(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
+    assert models.create_sized("cnn", 16, img_size=8).img_size == 8  # the caller's img_size wins
+    with pytest.raises(TypeError, match="widthz"):  # other bad arguments are not swallowed by the retry
+        models.create_sized("resnet18", 32, widthz=3)
+
+
+def test_create_sized_retry_leaves_the_seeded_initialisation_alone():
+    # the first try (with img_size) fails at argument binding, before any weight is drawn
+    torch.manual_seed(3)
+    sized = models.create_sized("resnet18", 32, num_classes=4)
+    torch.manual_seed(3)
+    plain = models.create("resnet18", num_classes=4)
+    assert all(torch.equal(a, b) for a, b in zip(sized.state_dict().values(), plain.state_dict().values()))

@@ -4,13 +4,14 @@
 config, never downloading; ``load_weights`` / ``save_weights`` move weights to and from disk with
 safetensors or ``torch.load(weights_only=True)``.
 """
-from workbench.models.factory import available, create
+from workbench.models.factory import available, create, create_sized
 from workbench.models.tiny import BenchCNN, TinyCNN, TinyMLP, tiny_vit
 from workbench.models.weights import load_weights, read_state_dict, save_weights
 
 __all__ = [
     "available",
     "create",
+    "create_sized",
     "load_weights",
     "save_weights",
     "read_state_dict",

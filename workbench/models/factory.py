@@ -100,6 +100,29 @@ def create(name: str, **kwargs: Any) -> nn.Module:
     raise ValueError(_unknown_name_message(name))
 
 
+def create_sized(name: str, img_size: int, /, **kwargs: Any) -> nn.Module:
+    """:func:`create` for ``img_size`` × ``img_size`` images: ``img_size`` is passed on when the model
+    takes one (the built-in nets, timm ViTs) and left out when it takes any size (timm ResNets).
+
+    An ``img_size`` in ``kwargs`` wins. Other bad arguments still raise their ``TypeError``.
+
+    Example:
+        >>> from workbench.models import create_sized
+        >>> create_sized("cnn", 16, widths=(8,)).img_size
+        16
+        >>> type(create_sized("resnet18", 16, num_classes=4)).__name__  # a ResNet takes any size
+        'ResNet'
+    """
+    if "img_size" in kwargs:
+        return create(name, **kwargs)
+    try:  # a model class refuses the keyword when binding its arguments, before any weight is drawn
+        return create(name, **kwargs, img_size=img_size)
+    except TypeError as error:
+        if "img_size" not in str(error):
+            raise
+        return create(name, **kwargs)
+
+
 def _unknown_name_message(name: str) -> str:
     import timm
 

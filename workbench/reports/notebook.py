@@ -72,11 +72,7 @@ def report_model(
     if dataset not in N_CLASSES:
         raise ValueError(f"dataset must be one of {tuple(N_CLASSES)}, got {dataset!r}")
     kwargs = {"num_classes": N_CLASSES[dataset], "in_chans": CHANNELS, **model_kwargs}
-    try:
-        model = models.create(name, **{"img_size": IMAGE_SIZE, **kwargs})
-    except TypeError:  # a model without an img_size argument (e.g. a timm resnet)
-        model = models.create(name, **kwargs)
-    return models.load_weights(model, weights).eval()
+    return models.load_weights(models.create_sized(name, IMAGE_SIZE, **kwargs), weights).eval()
 
 
 def gap_summary(cka: Any, predictions: Any, teacher: str = "teacher", student: str = "student") -> str:

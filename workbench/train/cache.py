@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 from pathlib import Path
@@ -59,32 +58,13 @@ def training_data(dataset: str, size: int, channels: int) -> TensorDataset:
     raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
 
 
-def _accepts(name: str, keyword: str) -> bool:
-    """Whether the model ``name`` takes ``keyword`` (built-ins: by signature; timm: by trying)."""
-    builder = models.factory._BUILTINS.get(name)
-    if builder is None:
-        return True
-    if isinstance(builder, type):
-        builder = builder.__init__
-    parameters = inspect.signature(builder).parameters
-    return keyword in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-
-
 def _build(name: str, dataset: str, size: int, channels: int, model_kwargs: dict[str, Any]) -> nn.Module:
     if name in models.factory._HF_TINY or name.startswith(models.factory._HF_PREFIX):
         raise ValueError(f"trained({name!r}) trains image classifiers; {name!r} is a transformers model")
     kwargs = dict(model_kwargs)
     kwargs.setdefault("num_classes", 10 if dataset == "digits" else 4)
     kwargs.setdefault("in_chans", channels)
-    if _accepts(name, "img_size"):
-        kwargs.setdefault("img_size", size)
-    try:
-        return models.create(name, **kwargs)
-    except TypeError:
-        if "img_size" in model_kwargs or "img_size" not in kwargs:
-            raise
-        kwargs.pop("img_size")  # a timm model without an img_size argument (e.g. resnet18)
-        return models.create(name, **kwargs)
+    return models.create_sized(name, size, **kwargs)
 
 
 def cache_path(name: str, settings: dict[str, Any]) -> Path:
