@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
+from workbench.data.arrays import checked_tensor
+
 __all__ = ["as_loader", "inputs_of", "targets_of", "num_samples"]
 
 INPUT_KEYS = ("pixel_values", "input_ids", "x")
@@ -29,11 +31,9 @@ class _InputsDataset(Dataset):
 
 
 def _as_tensor(value: Any, what: str) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(value)
-    raise TypeError(f"{what} must be a Tensor or numpy array, got {type(value).__name__}; accepted: {_ACCEPTED}")
+    if not isinstance(value, (torch.Tensor, np.ndarray)):
+        raise TypeError(f"{what} must be a Tensor or numpy array, got {type(value).__name__}; accepted: {_ACCEPTED}")
+    return checked_tensor(value, what)
 
 
 def _as_dataset(data: Any) -> Dataset:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from workbench.capture import flatten_per_sample
+from workbench.data.arrays import checked_tensor
 from workbench.probes.kernels import centred_gram, cka_from_grams, rbf_from_gram
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -20,6 +21,8 @@ ArrayLike = np.ndarray | torch.Tensor
 def as_float64_pair(x: ArrayLike, y: ArrayLike, min_samples: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Two ``[n, features]`` float64 tensors on x's device, after checking counts and finiteness.
 
+    Complex, masked, non-numeric, empty and meta inputs are refused (see :mod:`workbench.data.arrays`).
+
     Example:
         >>> a, b = as_float64_pair(np.ones((3, 2, 2)), torch.zeros(3, 5))
         >>> a.shape, b.dtype
@@ -27,13 +30,7 @@ def as_float64_pair(x: ArrayLike, y: ArrayLike, min_samples: int = 2) -> tuple[t
     """
     pair = []
     for label, value in (("x", x), ("y", y)):
-        if isinstance(value, np.ndarray):
-            value = torch.from_numpy(np.asarray(value, dtype=np.float64))
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{label} must be a numpy array or a torch tensor, got {type(value).__name__}")
-        if value.dim() == 0:
-            raise ValueError(f"{label} must have a sample dimension [n, ...], got a scalar")
-        value = flatten_per_sample(value.detach()).to(torch.float64)
+        value = flatten_per_sample(checked_tensor(value, label).detach()).to(torch.float64)
         if not torch.isfinite(value).all():
             raise ValueError(f"{label} contains NaN or Inf values")
         pair.append(value)
