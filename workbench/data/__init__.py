@@ -1,11 +1,13 @@
-"""Offline datasets (scikit-learn digits, procedural shapes) and adapters for the user's own data.
+"""Offline datasets (scikit-learn digits, animal silhouettes, procedural shapes) and adapters for the user's own data.
 
-Everything here runs without a network: ``digits`` reads scikit-learn's bundled images and ``shapes``
-draws images procedurally. ``as_loader`` / ``inputs_of`` / ``num_samples`` let every probe, loss and
-training loop accept tensors, arrays, datasets or loaders alike.
+Everything here runs without a network: ``digits`` reads scikit-learn's bundled images, ``animals`` the
+``animal-mnist`` wheel's files (installed with ``--no-deps``), and ``shapes`` draws images procedurally.
+``as_loader`` / ``inputs_of`` / ``num_samples`` let every probe, loss and training loop accept tensors,
+arrays, datasets or loaders alike.
 """
+from workbench.data.animals import ANIMAL_CLASSES, animals
 from workbench.data.digits import digits
 from workbench.data.loaders import as_loader, inputs_of, num_samples, targets_of
 from workbench.data.shapes import SHAPE_CLASSES, shapes
 
-__all__ = ["digits", "shapes", "SHAPE_CLASSES", "as_loader", "inputs_of", "targets_of", "num_samples"]
+__all__ = ["digits", "animals", "ANIMAL_CLASSES", "shapes", "SHAPE_CLASSES", "as_loader", "inputs_of", "targets_of", "num_samples"]
