@@ -9,7 +9,6 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from workbench.capture import flatten_per_sample
 from workbench.data.arrays import checked_tensor
@@ -83,11 +82,52 @@ def rbf_cka(
     return _cka(gram_x, gram_y, debiased)
 
 
+TIE_TOLERANCE = 1e-10  # cosine similarities closer than this count as tied (float64 rounding of a dot)
+
+
+def _unit_rows(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows scaled to unit length at any magnitude (1e-300 or 1e300), and the mask of all-zero rows.
+
+    Dividing by the row's largest |value| first keeps the norm from under- or overflowing; a fixed
+    epsilon (``F.normalize``) would leave rows below it shorter than 1, so they would never be chosen
+    as anyone's neighbour.
+    """
+    largest = features.abs().amax(dim=1, keepdim=True)
+    zero = largest[:, 0] == 0
+    scaled = features / largest.masked_fill(largest == 0, 1.0)
+    return scaled / scaled.norm(dim=1, keepdim=True).masked_fill(zero[:, None], 1.0), zero
+
+
+def _neighbour_weights(unit: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[n, n]`` probability that j is among i's k nearest neighbours, and which rows are fully tied.
+
+    Neighbours strictly nearer than the k-th have probability 1; the samples tied with the k-th share
+    the remaining places equally (every admissible neighbour set equally likely), so the score does not
+    depend on the order of the samples. Each row's weights sum to k.
+    """
+    n = unit.shape[0]
+    similarity = (unit @ unit.T).fill_diagonal_(-torch.inf)
+    kth = similarity.topk(k, dim=1).values[:, -1:]
+    above = similarity > kth + TIE_TOLERANCE
+    tied = (similarity - kth).abs() <= TIE_TOLERANCE
+    n_above, n_tied = above.sum(dim=1, keepdim=True), tied.sum(dim=1, keepdim=True)
+    weights = above.double() + tied.double() * (k - n_above) / n_tied
+    return weights, ((n_above == 0) & (n_tied == n - 1))[:, 0]
+
+
 def mutual_knn(x: ArrayLike, y: ArrayLike, k: int = 10) -> float:
     """Mutual k-nearest-neighbour alignment (Huh et al. 2024, "The Platonic Representation Hypothesis").
 
-    Rows are L2-normalised; each sample's k cosine neighbours (itself excluded) are found in both
-    representations, and the mean fraction of shared neighbours is returned (1 = same neighbourhoods).
+    Rows are L2-normalised (at any scale); each sample's k cosine neighbours (itself excluded) are found
+    in both representations, and the mean over samples of ``|N_x(i) ∩ N_y(i)| / k`` is returned
+    (1 = same neighbourhoods, about ``k / (n - 1)`` for unrelated ones).
+
+    Ties: when samples are tied with the k-th neighbour (duplicates, discrete features; similarities
+    within ``TIE_TOLERANCE``), every admissible neighbour set counts as equally likely, independently in
+    x and y, and the expected overlap is returned — the score does not depend on the order of the samples.
+
+    Undefined cases give NaN with a warning naming x or y: an all-zero sample has no direction, and a
+    representation that points every sample the same way (a constant layer) ranks no neighbour nearer.
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -99,10 +139,23 @@ def mutual_knn(x: ArrayLike, y: ArrayLike, k: int = 10) -> float:
     n = x64.shape[0]
     if not 1 <= k < n:
         raise ValueError(f"k must be between 1 and n - 1 = {n - 1}, got {k}")
-    masks = []
-    for features in (x64, y64):
-        unit = F.normalize(features, dim=1)
-        similarity = (unit @ unit.T).fill_diagonal_(-torch.inf)
-        neighbours = similarity.topk(k, dim=1).indices
-        masks.append(torch.zeros(n, n, dtype=torch.bool, device=unit.device).scatter_(1, neighbours, True))
-    return ((masks[0] & masks[1]).sum(dim=1).double() / k).mean().item()
+    weights = []
+    for label, features in (("x", x64), ("y", y64)):
+        unit, zero = _unit_rows(features)
+        if zero.any():
+            rows = zero.nonzero()[:, 0].tolist()
+            shown = f"{rows[:10]}{' ...' if len(rows) > 10 else ''}"
+            warnings.warn(
+                f"mutual kNN is undefined (NaN): {label} has {len(rows)} all-zero samples (rows {shown}), "
+                "which have no direction and so no cosine neighbours", stacklevel=2,
+            )
+            return float("nan")
+        row_weights, fully_tied = _neighbour_weights(unit, k)
+        if fully_tied.all():
+            warnings.warn(
+                f"mutual kNN is undefined (NaN): {label} points every sample the same way (a constant layer), "
+                "so no neighbour is nearer than another", stacklevel=2,
+            )
+            return float("nan")
+        weights.append(row_weights)
+    return ((weights[0] * weights[1]).sum(dim=1) / k).mean().item()
