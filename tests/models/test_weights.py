@@ -127,3 +127,76 @@ def test_missing_file_and_bad_suffix(tmp_path):
         models.load_weights(_fresh(0), tmp_path / "nope.safetensors")
     with pytest.raises(ValueError, match="suffix"):
         models.save_weights(_fresh(0), tmp_path / "w.json")
+
+
+def _linear_with(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"weight": weight, "bias": torch.zeros(2)}
+
+
+@pytest.mark.parametrize("values", [torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.ones(2, 3, dtype=torch.bool)])
+def test_integer_and_bool_into_floating_are_refused_unless_cast(tmp_path, values):
+    torch.save(_linear_with(values), tmp_path / "ints.pt")
+    model = torch.nn.Linear(3, 2)
+    before = model.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"weight: file torch\.(int64|bool) vs model torch\.float32.*cast=True"):
+        models.load_weights(model, tmp_path / "ints.pt")
+    assert torch.equal(model.weight, before), "nothing is loaded when a check fails"
+    models.load_weights(model, tmp_path / "ints.pt", cast=True)
+    assert torch.equal(model.weight, values.float())  # the exact conversion, element by element
+
+
+def test_floating_into_an_integer_buffer_is_refused_unless_cast(tmp_path):
+    norm = torch.nn.BatchNorm1d(2)
+    state = dict(norm.state_dict(), num_batches_tracked=torch.tensor(2.7))
+    torch.save(state, tmp_path / "bn.pt")
+    with pytest.raises(ValueError, match=r"num_batches_tracked: file torch\.float32 vs model torch\.int64"):
+        models.load_weights(torch.nn.BatchNorm1d(2), tmp_path / "bn.pt")
+
+
+def test_complex_into_real_is_refused_even_with_cast(tmp_path):
+    torch.save(_linear_with(torch.ones(2, 3, dtype=torch.complex64) * 1j), tmp_path / "complex.pt")
+    for cast in (False, True):
+        with pytest.raises(ValueError, match="complex tensors for real ones.*imaginary part"):
+            models.load_weights(torch.nn.Linear(3, 2), tmp_path / "complex.pt", cast=cast)
+
+
+def test_float64_into_float32_still_loads(tmp_path):
+    source = torch.nn.Linear(3, 2).double()
+    models.save_weights(source, tmp_path / "double.safetensors")
+    target = models.load_weights(torch.nn.Linear(3, 2), tmp_path / "double.safetensors")
+    assert torch.equal(target.weight, source.weight.float())
+
+
+def test_a_folder_or_a_device_file_is_a_clear_error(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a folder, not a weight file"):
+        models.load_weights(_fresh(0), tmp_path)
+    for device in ("/dev/zero", "/dev/null"):
+        if os.path.exists(device):
+            with pytest.raises(ValueError, match="not a regular file"):
+                models.load_weights(_fresh(0), device)
+    fifo = tmp_path / "pipe.pt"
+    os.mkfifo(fifo)  # opening it for reading would block forever
+    with pytest.raises(ValueError, match="not a regular file"):
+        models.read_state_dict(fifo)
+
+
+def test_save_weights_on_a_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    from workbench.files import DiskFullError
+
+    path = models.save_weights(_fresh(0), tmp_path / "w.safetensors")
+    before = path.read_bytes()
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        with open(filename, "wb") as handle:
+            handle.write(b"\0" * 10)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(DiskFullError, match="No space left on device"):
+        models.save_weights(_fresh(1), path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
