@@ -116,3 +116,25 @@ def test_run_comparison_refuses_bad_method_and_seed_lists_before_training(conv_p
         with pytest.raises(ValueError, match=message):
             run_comparison(teacher, make, data, data, methods, seeds, device="cpu")
     assert calls == []  # nothing was built or trained
+
+
+def test_animals_reach_every_report_helper():
+    from workbench.data import animals
+
+    assert reports.seeded_model("cnn_small", "animals").head.out_features == 10
+    assert reports.seeded_model("cnn_small", "shapes").head.out_features == 4
+    train, test = reports.training_set("animals"), reports.evaluation_data("animals")
+    assert torch.equal(train.tensors[0], animals("train").tensors[0]) and len(reports.training_set("animals", 300)) == 300
+    assert torch.equal(test.tensors[1], animals("test").tensors[1]) and tuple(test.tensors[0].shape[1:]) == (1, 32, 32)
+
+
+def test_an_unknown_dataset_fails_before_anything_trains_and_lists_the_names(monkeypatch, tmp_path):
+    import workbench.train.cache as cache
+
+    monkeypatch.setattr(cache, "fit", lambda *args, **kwargs: pytest.fail("trained on an unknown dataset"))
+    message = r"dataset must be one of \('digits', 'animals', 'shapes'\), got 'cifar'"
+    for call in (lambda: reports.evaluation_data("cifar"), lambda: reports.training_set("cifar"),
+                 lambda: reports.seeded_model("cnn", "cifar"), lambda: reports.report_model("cnn", "cifar"),
+                 lambda: reports.report_model("cnn", "cifar", weights=tmp_path / "teacher.safetensors")):
+        with pytest.raises(ValueError, match=message):
+            call()

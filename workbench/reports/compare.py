@@ -345,11 +345,10 @@ def seeded_model(name: str, dataset: str = "digits", seed: int = 0, **model_kwar
     import torch
 
     from workbench import models
-    from workbench.reports.notebook import CHANNELS, IMAGE_SIZE, N_CLASSES
+    from workbench.reports.notebook import CHANNELS, IMAGE_SIZE
+    from workbench.train.cache import num_classes
 
-    if dataset not in N_CLASSES:
-        raise ValueError(f"dataset must be one of {tuple(N_CLASSES)}, got {dataset!r}")
-    kwargs = {"num_classes": N_CLASSES[dataset], "in_chans": CHANNELS, **model_kwargs}
+    kwargs = {"num_classes": num_classes(dataset), "in_chans": CHANNELS, **model_kwargs}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return models.create_sized(name, IMAGE_SIZE, **kwargs)
@@ -361,8 +360,8 @@ def training_set(dataset: str = "digits", n_train: int = 0) -> Any:
 
     Example:
         >>> from workbench.reports.compare import training_set
-        >>> len(training_set("digits")), len(training_set("digits", 100))
-        (1347, 100)
+        >>> len(training_set("digits")), len(training_set("digits", 100)), len(training_set("animals"))
+        (1347, 100, 7772)
     """
     from torch.utils.data import Subset
 

@@ -33,24 +33,25 @@ def setup_notebook() -> bool:
 
 
 IMAGE_SIZE, CHANNELS = 32, 1  # what workbench.train.trained uses by default
-N_CLASSES = {"digits": 10, "shapes": 4}
 
 
 def evaluation_data(dataset: str = "digits", n_samples: int = 450) -> Any:
-    """Held-out images for a report: the digits test split (450 images) or ``n_samples`` fresh shapes.
+    """Held-out images for a report: the digits test split (450 images), the animals test split
+    (1,944) or ``n_samples`` fresh shapes; another name is a ``ValueError`` listing the datasets.
 
     Example:
         >>> from workbench.reports import evaluation_data
-        >>> len(evaluation_data("digits")), len(evaluation_data("shapes", 64))
-        (450, 64)
+        >>> len(evaluation_data("digits")), len(evaluation_data("animals")), len(evaluation_data("shapes", 64))
+        (450, 1944, 64)
     """
     from workbench import data
+    from workbench.train.cache import num_classes
 
-    if dataset == "digits":
-        return data.digits("test", size=IMAGE_SIZE, channels=CHANNELS)
+    num_classes(dataset)  # a known name, or the error that lists them
     if dataset == "shapes":
         return data.shapes(n_samples, size=IMAGE_SIZE, channels=CHANNELS, seed=0)
-    raise ValueError(f"dataset must be one of {tuple(N_CLASSES)}, got {dataset!r}")
+    split = {"digits": data.digits, "animals": data.animals}[dataset]
+    return split("test", size=IMAGE_SIZE, channels=CHANNELS)
 
 
 def report_model(
@@ -65,13 +66,12 @@ def report_model(
         >>> student = report_model("cnn_small", epochs=1, progress=False)  # doctest: +SKIP
     """
     from workbench import models, train
+    from workbench.train.cache import num_classes
 
     if weights is None:
         return train.trained(name, dataset, epochs=epochs, seed=seed, size=IMAGE_SIZE, channels=CHANNELS,
                              progress=progress, **model_kwargs)
-    if dataset not in N_CLASSES:
-        raise ValueError(f"dataset must be one of {tuple(N_CLASSES)}, got {dataset!r}")
-    kwargs = {"num_classes": N_CLASSES[dataset], "in_chans": CHANNELS, **model_kwargs}
+    kwargs = {"num_classes": num_classes(dataset), "in_chans": CHANNELS, **model_kwargs}
     return models.load_weights(models.create_sized(name, IMAGE_SIZE, **kwargs), weights).eval()
 
 

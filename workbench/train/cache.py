@@ -18,7 +18,8 @@ from workbench.train.fit import fit
 __all__ = ["trained", "cache_dir"]
 
 CACHE_ENV = "KD_WORKBENCH_CACHE"
-DATASETS = ("digits", "shapes")
+NUM_CLASSES = {"digits": 10, "animals": 10, "shapes": 4}
+DATASETS = tuple(NUM_CLASSES)
 # Bump when the recipe below changes, so old cache entries are not mistaken for new ones.
 RECIPE_VERSION = 2
 BATCH_SIZE = 64
@@ -41,10 +42,26 @@ def cache_dir() -> Path:
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "kd-workbench"
 
 
-def training_data(dataset: str, size: int, channels: int) -> TensorDataset:
-    """The training set :func:`trained` uses: ``digits("train")`` or ``shapes(4096, seed=1)``.
+def num_classes(dataset: str) -> int:
+    """The number of classes of ``dataset`` (one of :data:`DATASETS`); another name is a ``ValueError``
+    that lists them.
 
-    Evaluate on held-out data: ``digits("test", size, channels)`` or ``shapes(n, seed=0)``.
+    Example:
+        >>> from workbench.train.cache import num_classes
+        >>> num_classes("animals"), num_classes("shapes")
+        (10, 4)
+    """
+    if dataset not in NUM_CLASSES:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    return NUM_CLASSES[dataset]
+
+
+def training_data(dataset: str, size: int, channels: int) -> TensorDataset:
+    """The training set :func:`trained` uses: ``digits("train")``, ``animals("train")`` or
+    ``shapes(4096, seed=1)``.
+
+    Evaluate on held-out data: ``digits("test", size, channels)``, ``animals("test", size, channels)``
+    or ``shapes(n, seed=0)``.
 
     Example:
         >>> from workbench.train.cache import training_data
@@ -53,6 +70,8 @@ def training_data(dataset: str, size: int, channels: int) -> TensorDataset:
     """
     if dataset == "digits":
         return wb_data.digits("train", size=size, channels=channels)
+    if dataset == "animals":
+        return wb_data.animals("train", size=size, channels=channels)
     if dataset == "shapes":
         return wb_data.shapes(SHAPES_TRAIN_SIZE, size=size, channels=channels, seed=SHAPES_TRAIN_SEED)
     raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
@@ -62,7 +81,7 @@ def _build(name: str, dataset: str, size: int, channels: int, model_kwargs: dict
     if name in models.factory._HF_TINY or name.startswith(models.factory._HF_PREFIX):
         raise ValueError(f"trained({name!r}) trains image classifiers; {name!r} is a transformers model")
     kwargs = dict(model_kwargs)
-    kwargs.setdefault("num_classes", 10 if dataset == "digits" else 4)
+    kwargs.setdefault("num_classes", num_classes(dataset))
     kwargs.setdefault("in_chans", channels)
     return models.create_sized(name, size, **kwargs)
 
