@@ -6,8 +6,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from workbench.probes.result_io import JsonResult
+from workbench.probes.kernels import KERNELS
+from workbench.probes.result_io import (
+    JsonResult, check_array, check_flag, check_int, check_json_dict, check_text, check_texts,
+)
 from workbench.plots import heatmap_figure, heatmap_plot
+
+CKA_ROUNDING = 1e-4  # how far outside its exact range a CKA may lie as rounding (float32 products)
 
 
 @dataclass
@@ -32,10 +37,34 @@ class CKAResult(JsonResult):
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.values = np.asarray(self.values, dtype=np.float64)
-        expected = (len(self.teacher_layers), len(self.student_layers))
-        if self.values.shape != expected:
-            raise ValueError(f"values has shape {self.values.shape}, the layer lists imply {expected}")
+        """Check every field (types, shape, range); a file that fails is refused by ``load``.
+
+        The biased CKA lies in [0, 1] (the inner product of two PSD centred Grams over their norms), the
+        debiased one in [-1, 1] (Cauchy–Schwarz on U-centred Grams); values up to ``CKA_ROUNDING``
+        outside pass as rounding, NaN (undefined, a dead layer) passes, ±Inf does not.
+        """
+        self.teacher_layers = check_texts(self.teacher_layers, "teacher_layers")
+        self.student_layers = check_texts(self.student_layers, "student_layers")
+        self.kernel = check_text(self.kernel, "kernel")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        self.debiased = check_flag(self.debiased, "debiased")
+        self.n_samples = check_int(self.n_samples, "n_samples", minimum=4 if self.debiased else 2)
+        self.teacher_name = check_text(self.teacher_name, "teacher_name")
+        self.student_name = check_text(self.student_name, "student_name")
+        self.extra = check_json_dict(self.extra, "extra")
+        self.values = check_array(self.values, "values", ndim=2)
+        expected = [len(self.teacher_layers), len(self.student_layers)]
+        if list(self.values.shape) != expected:
+            raise ValueError(f"values has shape {list(self.values.shape)}, the layer lists imply {expected}")
+        low = -1 if self.debiased else 0
+        outside = ~np.isnan(self.values) & ((self.values < low - CKA_ROUNDING) | (self.values > 1 + CKA_ROUNDING))
+        if outside.any():
+            row, column = np.argwhere(outside)[0]
+            raise ValueError(
+                f"values[{row}, {column}] = {float(self.values[row, column])!r} is outside [{low}, 1], the range of "
+                f"{'debiased' if self.debiased else 'biased'} CKA"
+            )
 
     @property
     def title(self) -> str:

@@ -1,6 +1,7 @@
 """How a student's predictions differ from its teacher's: top-1 agreement, KL at a temperature, accuracy."""
 from __future__ import annotations
 
+import math
 from contextlib import closing
 from dataclasses import dataclass
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workbench.probes.result_io import JsonResult
+from workbench.probes.result_io import JsonResult, check_array, check_float, check_int
 from workbench.data import targets_of
 from workbench.plots import heatmap_figure, heatmap_plot
 from workbench.probes.stream import paired_batches
@@ -39,7 +40,32 @@ class PredictionResult(JsonResult):
     student_accuracy: float | None = None
 
     def __post_init__(self) -> None:
-        self.values = np.asarray(self.values, dtype=np.int64)
+        """Check every field: whole non-negative counts, ``n_samples`` and ``agreement`` consistent with
+        them, ``kl`` ≥ 0 (NaN or +Inf pass), a positive finite temperature, accuracies in [0, 1] or None."""
+        counts = check_array(self.values, "values", ndim=2)
+        if counts.shape[0] != counts.shape[1]:
+            raise ValueError(f"values must be a square [classes, classes] matrix, got shape {list(counts.shape)}")
+        bad = ~((counts >= 0) & (counts < 2**53) & (counts == np.floor(counts)))  # NaN is bad too
+        if bad.any():
+            raise ValueError(f"values must hold whole counts ≥ 0, found {float(counts[bad][0])!r}")
+        self.values = counts.astype(np.int64)
+        total = int(self.values.sum())
+        self.n_samples = check_int(self.n_samples, "n_samples", minimum=1)
+        if self.n_samples != total:
+            raise ValueError(f"n_samples is {self.n_samples} but the counts in values sum to {total}")
+        self.agreement = check_float(self.agreement, "agreement", 0.0, 1.0)
+        agreed = int(np.trace(self.values))
+        if abs(self.agreement - agreed / total) > 1e-9:
+            raise ValueError(
+                f"agreement is {self.agreement!r} but the counts in values give {agreed} / {total} = {agreed / total!r}"
+            )
+        self.kl = check_float(self.kl, "kl", low=-1e-9, allow_nan=True)  # ≥ 0 up to rounding
+        self.temperature = check_float(self.temperature, "temperature", allow_nan=True)
+        if not (0 < self.temperature < math.inf):
+            raise ValueError(f"temperature must be a positive finite number, got {self.temperature!r}")
+        for name in ("teacher_accuracy", "student_accuracy"):
+            if getattr(self, name) is not None:
+                setattr(self, name, check_float(getattr(self, name), name, 0.0, 1.0))
 
     def to_frame(self) -> pd.DataFrame:
         """The summary numbers as a one-column table."""
