@@ -74,21 +74,36 @@ def check_float(
 
 
 def check_text(value: Any, name: str) -> str:
-    """``value`` if it is a ``str``."""
+    """``value`` if it is a ``str``.
+
+    Example:
+        >>> check_text("linear", "kernel")
+        'linear'
+    """
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a string, got {_describe(value)}")
     return value
 
 
 def check_texts(value: Any, name: str) -> list[str]:
-    """``value`` as a list of strings (a list or tuple of ``str``; a single string is refused)."""
+    """``value`` as a list of strings (a list or tuple of ``str``; a single string is refused).
+
+    Example:
+        >>> check_texts(("blocks.0", "head"), "teacher_layers")
+        ['blocks.0', 'head']
+    """
     if not isinstance(value, (list, tuple)):
         raise TypeError(f"{name} must be a list of strings, got {_describe(value)}")
     return [check_text(item, f"{name}[{index}]") for index, item in enumerate(value)]
 
 
 def check_flag(value: Any, name: str) -> bool:
-    """``value`` if it is a bool (``0`` / ``1`` are refused)."""
+    """``value`` if it is a bool (``0`` / ``1`` are refused).
+
+    Example:
+        >>> check_flag(np.True_, "debiased")
+        True
+    """
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be true or false, got {_describe(value)}")
     return bool(value)
