@@ -31,7 +31,8 @@ REFUSED = [
     pytest.param(np.zeros((0, 3)), ValueError, r"empty \(no samples\): shape \[0, 3\]", id="empty-numpy"),
     pytest.param(torch.zeros(0, 3), ValueError, r"empty \(no samples\): shape \[0, 3\]", id="empty-torch"),
     pytest.param(np.zeros((12, 0)), ValueError, r"empty \(no values per sample\): shape \[12, 0\]", id="no-features"),
-    pytest.param(torch.zeros(12, 3, device="meta"), ValueError, r"has no data \(meta device, shape \[12, 3\]\)", id="meta"),
+    pytest.param(torch.zeros(12, 3, device="meta"), ValueError, r"has no data \(meta device, shape \[12, 3\]\)",
+                 id="meta"),
 ]
 
 

@@ -70,7 +70,8 @@ def checked_tensor(value: object, what: str) -> torch.Tensor:
         raise TypeError(f"{what} must be a numpy array or a torch tensor, got {type(value).__name__}")
     if value.is_complex():
         raise TypeError(
-            f"{what} is complex ({value.dtype}): complex values are not supported; pass `x.real` or `x.abs()` explicitly"
+            f"{what} is complex ({value.dtype}): complex values are not supported; "
+            "pass `x.real` or `x.abs()` explicitly"
         )
     if value.device.type == "meta":
         raise ValueError(

@@ -283,14 +283,16 @@ class JsonResult:
             raise ValueError(f"{path}: unknown field(s) {unknown} for a {cls.__name__}; expected {sorted(fields)}")
         missing = sorted(
             name for name, item in fields.items()
-            if name not in record and item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING
+            if name not in record
+            and item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING
         )
         if missing:
             raise ValueError(f"{path}: missing field(s) {missing} for a {cls.__name__}")
         hints = typing.get_type_hints(cls)
         try:
             values = {
-                name: _from_json(value, name) if _holds_numbers(hints[name]) else value for name, value in record.items()
+                name: _from_json(value, name) if _holds_numbers(hints[name]) else value
+                for name, value in record.items()
             }
             return cls(**values)
         except (TypeError, ValueError) as error:
