@@ -78,12 +78,13 @@ def test_command_line_lists_only_the_changed_parameters():
 
 
 @pytest.mark.slow
-def test_distill_report_runs_end_to_end(tmp_path):
+@pytest.mark.parametrize("dataset", ["digits", "animals"])
+def test_distill_report_runs_end_to_end(tmp_path, dataset):
     table = tmp_path / "table.md"
     env = {**os.environ, "KD_WORKBENCH_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "workbench.cli", "report", "distill", *SMALL, "-p", f"results_table={table}",
-         "--output-dir", str(tmp_path / "out")],
+        [sys.executable, "-m", "workbench.cli", "report", "distill", *SMALL, "-p", f"dataset={dataset}",
+         "-p", f"results_table={table}", "--output-dir", str(tmp_path / "out")],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert done.returncode == 0, done.stderr
