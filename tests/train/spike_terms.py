@@ -22,3 +22,22 @@ class SpikeAt(Term):
             return student.float().sum() * 0  # Distiller.build's forward does not count
         self.calls += 1
         return student.float().sum() * (self.factor if self.calls == self.at else 0.0)
+
+
+class NaNGradFrom(Term):
+    """0 (a finite value) with an infinite gradient, ``sum(sqrt(s - s))``, from its ``at``-th training call on.
+
+    It stays broken once it starts, as a real fault would, so re-running the step reproduces it.
+    """
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def forward(self, student, teacher, targets=None):
+        if not torch.is_grad_enabled():
+            return student.float().sum() * 0
+        self.calls += 1
+        if self.calls < self.at:
+            return student.float().sum() * 0
+        return (student.float() - student.float().detach()).sqrt().sum()

@@ -147,3 +147,17 @@ def test_trained_on_shapes_and_rejects_text_models(cache_folder):
     with pytest.raises(ValueError, match="dataset"):
         trained("cnn", "mnist", progress=False)
     assert math.isfinite(float(model.head.weight.detach().sum()))
+
+
+def test_empty_training_data_is_an_error_not_an_empty_history():
+    from torch.utils.data import DataLoader, IterableDataset
+
+    empty = TensorDataset(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
+
+    class NoBatches(IterableDataset):
+        def __iter__(self):
+            return iter(())
+
+    for data in (empty, DataLoader(empty, batch_size=4), NoBatches()):
+        with pytest.raises(ValueError, match="no (samples|batches)"):
+            fit(torch.nn.Linear(4, 2), data, device="cpu", progress=False)

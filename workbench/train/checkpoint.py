@@ -8,21 +8,26 @@ A checkpoint is a folder ``<directory>/step-000042/`` holding
   grad scaler's state dicts — tensors, numbers, strings and containers only, read back with
   ``torch.load(weights_only=True)``;
 - ``state.json``: where training continues (``step``, ``epoch``, ``batch_index``: batches already done
-  in that epoch), the history rows so far and free-form metadata. No RNG state: ``fit`` reseeds every
+  in that epoch), the ``run`` that wrote it, the history rows so far and metadata (for ``fit``: the
+  optimizer / scheduler recipe, seed, batch size, callback states). No RNG state: ``fit`` reseeds every
   step from ``(seed, rank, step)`` and orders each epoch from ``seed + epoch``, so none is needed.
 
-The folder is written under a temporary name and renamed when complete, so a crash mid-write never
-leaves a half checkpoint that looks whole; older checkpoints beyond ``keep_last`` are removed only
-after the new one is in place.
+Every file is written through :func:`workbench.files.atomic_path` into a temporary folder that is renamed
+when complete, so a crash or a full disk (:class:`~workbench.files.DiskFullError`, "No space left on
+device") never leaves a half checkpoint that looks whole, nor touches the previous ones. Parameters
+must be finite: non-finite weights are never saved. Pruning (``keep_last``) removes only checkpoints
+of the *same run* with lower steps, after the new one is in place — another run's checkpoints in the
+folder are never touched.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import secrets
 import shutil
 import tempfile
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +36,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from workbench.models.weights import load_weights, save_weights
+from workbench.files import atomic_path, write_atomic
+from workbench.models.weights import apply_state_dict, read_state_dict, save_weights
 
-__all__ = ["Checkpointer", "CheckpointState", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints"]
+__all__ = ["CheckpointState", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
+           "step_folders"]
 
 FORMAT_VERSION = 1
 KEEP_LAST = 2
@@ -44,7 +51,7 @@ _PLAIN = (torch.Tensor, int, float, bool, str, type(None))
 
 @dataclass
 class CheckpointState:
-    """What :func:`load_checkpoint` read besides the tensors: the position and the history so far."""
+    """What :func:`load_checkpoint` read besides the tensors: the position, the run and the history so far."""
 
     path: Path
     step: int
@@ -52,6 +59,7 @@ class CheckpointState:
     batch_index: int
     history: list[dict[str, Any]] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    run: str | None = None
 
 
 def _check_plain(value: Any, where: str) -> None:
@@ -70,23 +78,31 @@ def _check_plain(value: Any, where: str) -> None:
         )
 
 
+def step_folders(directory: str | os.PathLike) -> list[Path]:
+    """Every ``step-NNNNNN`` folder under ``directory``, complete or damaged, oldest step first.
+
+    Example:
+        >>> import tempfile
+        >>> step_folders(tempfile.mkdtemp())
+        []
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(match.group(1)), path) for path in directory.iterdir()
+             if (match := _NAME.fullmatch(path.name)) and path.is_dir()]
+    return [path for _, path in sorted(found)]
+
+
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
-    """Complete checkpoint folders under ``directory``, oldest step first.
+    """Complete checkpoint folders (those with a ``state.json``) under ``directory``, oldest step first.
 
     Example:
         >>> import tempfile
         >>> list_checkpoints(tempfile.mkdtemp())
         []
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = [
-        (int(match.group(1)), path)
-        for path in directory.iterdir()
-        if (match := _NAME.fullmatch(path.name)) and (path / STATE_FILE).is_file()
-    ]
-    return [path for _, path in sorted(found)]
+    return [path for path in step_folders(directory) if (path / STATE_FILE).is_file()]
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
@@ -99,6 +115,12 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     """
     found = list_checkpoints(directory)
     return found[-1] if found else None
+
+
+def _non_finite_parameters(module: nn.Module) -> list[str]:
+    return [name for name, value in module.named_parameters()
+            if value.is_floating_point() or value.is_complex()
+            if not bool(torch.isfinite(value.detach()).all())]
 
 
 def save_checkpoint(
@@ -114,8 +136,13 @@ def save_checkpoint(
     history: list[dict[str, Any]] | tuple = (),
     metadata: dict[str, Any] | None = None,
     keep_last: int = KEEP_LAST,
+    run: str | None = None,
 ) -> Path:
-    """Write ``<directory>/step-<step>/`` atomically and prune all but the ``keep_last`` newest; returns it.
+    """Write ``<directory>/step-<step>/`` atomically, then prune this ``run``'s older ones beyond ``keep_last``.
+
+    ``run`` names the run (``fit`` draws one per new run); only checkpoints of the same run (``None``
+    matches checkpoints saved without one) with lower steps are pruned. Refuses (``ValueError``,
+    nothing written) when a parameter of ``module`` holds NaN or Inf. Returns the folder.
 
     Example:
         >>> import tempfile, torch
@@ -127,35 +154,142 @@ def save_checkpoint(
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    _check_position(int(step), int(epoch), int(batch_index), "save_checkpoint")
+    bad = _non_finite_parameters(module)
+    if bad:
+        raise ValueError(f"refusing to checkpoint non-finite weights: {len(bad)} parameters hold NaN or Inf "
+                         f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''})")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     states = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     bundle = {key: value.state_dict() for key, value in states.items() if value is not None}
     _check_plain(bundle, "the optimizer state")
-    state = {
-        "format": FORMAT_VERSION,
-        "step": int(step),
-        "epoch": int(epoch),
-        "batch_index": int(batch_index),
-        "history": list(history),
-        "metadata": dict(metadata or {}),
-    }
+    state = {"format": FORMAT_VERSION, "step": int(step), "epoch": int(epoch), "batch_index": int(batch_index),
+             "run": run, "history": list(history), "metadata": dict(metadata or {})}
+    text = json.dumps(state, indent=1)
     final = directory / f"step-{int(step):06d}"
+    _make_folder(directory)
     temporary = Path(tempfile.mkdtemp(dir=directory, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         save_weights(module, temporary / WEIGHTS_FILE)
         if bundle:
-            torch.save(bundle, temporary / OPTIMIZER_FILE)
-        (temporary / STATE_FILE).write_text(json.dumps(state, indent=1))  # written last: marks it complete
-        if final.exists():  # the same step written again (a resumed run): replace it
-            shutil.rmtree(final)
-        os.replace(temporary, final)
+            with atomic_path(temporary / OPTIMIZER_FILE) as optimizer_file:
+                torch.save(bundle, optimizer_file)
+        write_atomic(temporary / STATE_FILE, text)  # written last: marks it complete
+        _swap_into_place(temporary, final)
     finally:
         if temporary.exists():
             shutil.rmtree(temporary, ignore_errors=True)
-    for old in list_checkpoints(directory)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    _prune(directory, run, int(step), keep_last)
     return final
+
+
+def _make_folder(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as error:
+        raise NotADirectoryError(
+            error.errno, f"checkpoint folder {str(directory)!r} cannot be made: {str(error.filename)!r} is a "
+            "file, not a folder; choose another checkpoint_dir") from None
+
+
+def _swap_into_place(temporary: Path, final: Path) -> None:
+    """Rename the finished folder onto ``final``; an old folder of that name is moved aside first, then removed."""
+    aside = None
+    if final.exists():  # the same step written again (a resumed run): replace it
+        aside = final.with_name(f".{final.name}.{secrets.token_hex(4)}.old")
+        os.replace(final, aside)
+    os.replace(temporary, final)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _prune(directory: Path, run: str | None, step: int, keep_last: int) -> None:
+    older = []
+    for path in list_checkpoints(directory):
+        number = int(path.name.split("-")[1])
+        if number < step and _run_of(path) == (run,):
+            older.append(path)
+    for old in older[: max(len(older) - (keep_last - 1), 0)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _run_of(path: Path) -> tuple[str | None] | None:
+    """``(run,)`` of a complete checkpoint, ``None`` when its state cannot be read (never pruned then)."""
+    try:
+        return (_read_state(path).get("run"),)
+    except (OSError, ValueError):
+        return None
+
+
+def _check_position(step: int, epoch: int, batch_index: int, where: str) -> None:
+    problems = [f"{name}={value}" for name, value, low in (("step", step, 0), ("epoch", epoch, 1),
+                                                             ("batch_index", batch_index, 0)) if value < low]
+    if problems:
+        raise ValueError(f"{where}: {', '.join(problems)} out of range (step >= 0, epoch >= 1, batch_index >= 0)")
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """``state.json`` of the checkpoint folder ``path``, checked; ``ValueError`` naming the file and field."""
+    file = path / STATE_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{str(file)!r} is missing: the checkpoint is incomplete")
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{str(file)!r} is damaged: not valid JSON ({error})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{str(file)!r} is damaged: it holds a {type(state).__name__}, not a JSON object")
+    if state.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{str(file)!r} has checkpoint format {state.get('format')!r}; this version reads {FORMAT_VERSION}")
+    kinds = {"step": int, "epoch": int, "batch_index": int, "history": list, "metadata": dict}
+    for key, kind in kinds.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"{str(file)!r} is damaged: {key!r} must be a {kind.__name__}, got {value!r:.80}")
+    if not all(isinstance(row, dict) for row in state["history"]):
+        raise ValueError(f"{str(file)!r} is damaged: 'history' must be a list of rows (JSON objects)")
+    if not isinstance(state.get("run"), (str, type(None))):
+        raise ValueError(f"{str(file)!r} is damaged: 'run' must be a string, got {state['run']!r:.80}")
+    _check_position(state["step"], state["epoch"], state["batch_index"], repr(str(file)))
+    return state
+
+
+def _read(path: Path, with_optimizer: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """Read and check every file of a checkpoint folder before anything is loaded into a module."""
+    state = _read_state(path)
+    weights = read_state_dict(path / WEIGHTS_FILE)
+    bundle: dict[str, Any] = {}
+    if with_optimizer and (path / OPTIMIZER_FILE).exists():
+        try:
+            bundle = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch.load raises many types; all mean "damaged or unsafe"
+            raise ValueError(f"{str(path / OPTIMIZER_FILE)!r} is damaged or unsafe ({type(error).__name__}: "
+                             f"{str(error).splitlines()[0] if str(error) else ''})") from None
+        if not isinstance(bundle, dict):
+            raise ValueError(f"{str(path / OPTIMIZER_FILE)!r} is damaged: it holds a {type(bundle).__name__}")
+    return state, weights, bundle
+
+
+def _resolve(path: Path) -> Path:
+    if (path / STATE_FILE).exists() or _NAME.fullmatch(path.name):
+        return path
+    newest = latest_checkpoint(path)
+    if newest is None:
+        raise FileNotFoundError(f"no checkpoint in {str(path)!r}: expected step-NNNNNN folders with {STATE_FILE}")
+    return newest
+
+
+def _apply(path: Path, read: tuple, module: nn.Module, wanted: dict[str, Any]) -> CheckpointState:
+    state, weights, bundle = read
+    apply_state_dict(module, weights, str(path / WEIGHTS_FILE))
+    for key, target in wanted.items():
+        if target is None:
+            continue
+        if key not in bundle:
+            raise ValueError(f"{str(path)!r} holds no {key} state to resume from")
+        target.load_state_dict(bundle[key])
+    return CheckpointState(path=path, step=state["step"], epoch=state["epoch"], batch_index=state["batch_index"],
+                           history=state["history"], metadata=state["metadata"], run=state.get("run"))
 
 
 def load_checkpoint(
@@ -168,7 +302,10 @@ def load_checkpoint(
 ) -> CheckpointState:
     """Load a checkpoint folder (or the newest under a directory) into ``module`` and the given states.
 
-    Weights load strictly through safetensors; the optimizer file with ``torch.load(weights_only=True)``.
+    Every file is read and checked before anything is loaded: a damaged ``state.json`` (not JSON,
+    wrong types, a negative step or epoch) or weight / optimizer file is a ``ValueError`` naming the
+    file. Weights load strictly through safetensors; the optimizer file with
+    ``torch.load(weights_only=True)``.
 
     Example:
         >>> import tempfile, torch
@@ -179,115 +316,8 @@ def load_checkpoint(
         >>> state.step, state.epoch, state.history
         (3, 2, [{'step': 3, 'loss': 0.5}])
     """
-    path = Path(path)
-    if not (path / STATE_FILE).is_file():
-        newest = latest_checkpoint(path)
-        if newest is None:
-            raise FileNotFoundError(f"no checkpoint in {str(path)!r}: expected step-NNNNNN folders with {STATE_FILE}")
-        path = newest
-    state = json.loads((path / STATE_FILE).read_text())
-    if state.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{str(path)!r} has checkpoint format {state.get('format')!r}; this version reads {FORMAT_VERSION}")
-    load_weights(module, path / WEIGHTS_FILE)
+    path = _resolve(Path(path))
     wanted = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
-    if any(value is not None for value in wanted.values()):
-        bundle = {}
-        if (path / OPTIMIZER_FILE).is_file():
-            bundle = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-        for key, target in wanted.items():
-            if target is None:
-                continue
-            if key not in bundle:
-                raise ValueError(f"{str(path)!r} holds no {key} state to resume from")
-            target.load_state_dict(bundle[key])
-    return CheckpointState(
-        path=path,
-        step=state["step"],
-        epoch=state["epoch"],
-        batch_index=state["batch_index"],
-        history=state["history"],
-        metadata=state["metadata"],
-    )
+    read = _read(path, with_optimizer=any(value is not None for value in wanted.values()))
+    return _apply(path, read, module, wanted)
 
-
-class Checkpointer:
-    """What ``fit`` does with checkpoints: when to write them, what goes in, and resuming from the newest.
-
-    ``states`` are the optimizer / scheduler / scaler (keyword names of :func:`save_checkpoint`);
-    ``metadata`` settings that must match on resume (a mismatch warns); ``callbacks`` with
-    ``state_dict()`` / ``load_state_dict()`` are saved and restored too. Under DDP only rank 0
-    writes, and every rank waits for it. ``directory=None`` turns everything off.
-
-    Example:
-        >>> import tempfile, torch
-        >>> model = torch.nn.Linear(2, 2)
-        >>> checkpointer = Checkpointer(tempfile.mkdtemp(), every=2, module=model)
-        >>> checkpointer.due(4), checkpointer.resume()
-        (True, None)
-        >>> checkpointer.save(step=4, epoch=1, batch_index=4, rows=[])
-        >>> checkpointer.last.name, checkpointer.resume().step
-        ('step-000004', 4)
-    """
-
-    def __init__(
-        self,
-        directory: str | os.PathLike | None,
-        every: int | None,
-        module: nn.Module,
-        states: dict[str, Any] | None = None,
-        metadata: dict[str, Any] | None = None,
-        callbacks: Sequence[Any] = (),
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        self.directory = Path(directory) if directory is not None else None
-        self.every, self.module = every, module
-        self.states = {key: value for key, value in (states or {}).items() if value is not None}
-        self.metadata, self.callbacks = dict(metadata or {}), list(callbacks)
-        self.rank, self.world_size = rank, world_size
-        self.last: Path | None = None
-
-    def due(self, step: int) -> bool:
-        """Whether ``step`` is a multiple of ``every`` (and checkpointing is on)."""
-        return self.directory is not None and self.every is not None and step % self.every == 0
-
-    def save(self, step: int, epoch: int, batch_index: int, rows: list[dict[str, Any]]) -> None:
-        """Write the checkpoint for ``step``; training continues at batch ``batch_index`` of ``epoch``."""
-        if self.directory is None:
-            return
-        if self.rank == 0:
-            callback_states = {
-                str(index): callback.state_dict()
-                for index, callback in enumerate(self.callbacks)
-                if hasattr(callback, "state_dict") and not isinstance(callback, nn.Module)
-            }
-            self.last = save_checkpoint(
-                self.directory, self.module, step=step, epoch=epoch, batch_index=batch_index,
-                history=rows, metadata={**self.metadata, "callbacks": callback_states}, **self.states,
-            )
-        else:
-            self.last = self.directory / f"step-{step:06d}"
-        if self.world_size > 1:
-            torch.distributed.barrier()  # no rank reads a checkpoint before rank 0 has finished it
-
-    def resume(self) -> CheckpointState | None:
-        """Load the newest checkpoint into the module, states and callbacks; ``None`` if there is none."""
-        if self.directory is None or latest_checkpoint(self.directory) is None:
-            return None
-        loaded = load_checkpoint(self.directory, self.module, **self.states)
-        changed = {
-            key: (loaded.metadata[key], value)
-            for key, value in self.metadata.items()
-            if key in loaded.metadata and loaded.metadata[key] != value
-        }
-        if changed:
-            warnings.warn(
-                f"resuming {loaded.path} with other settings {changed} (saved, now): the history will not "
-                "match an uninterrupted run",
-                stacklevel=3,
-            )
-        for index, state in loaded.metadata.get("callbacks", {}).items():
-            if int(index) < len(self.callbacks) and hasattr(self.callbacks[int(index)], "load_state_dict"):
-                self.callbacks[int(index)].load_state_dict(state)
-        self.last = loaded.path
-        return loaded

@@ -62,8 +62,11 @@ class EpochBatches:
                 self.batch_sampler = BatchSampler(self.sampler, batch_size // world, drop_last=False)
         try:
             self.per_epoch: int | None = len(self.loader if self.loader is not None else self.batch_sampler)
-        except TypeError:  # an IterableDataset without __len__
+        except TypeError:  # an IterableDataset without __len__ (an empty one is caught after its first epoch)
             self.per_epoch = None
+        if self.per_epoch == 0:
+            raise ValueError("the training data holds no samples (an empty dataset or DataLoader: 0 batches per "
+                             "epoch); fit needs at least one labelled sample")
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[int, Any]]:
         """``(batch index in the epoch, batch)`` from batch ``skip`` on (skipped batches are not loaded)."""

@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 from workbench.data.loaders import as_loader, inputs_of, targets_of
 from workbench.devices import resolve_device
 from workbench.train.callbacks import TrainState
-from workbench.train.checkpoint import Checkpointer
+from workbench.train.checkpointer import Checkpointer
 from workbench.train.distributed import EpochBatches, setup_distributed, wrap_ddp
+from workbench.train.guard import FiniteGuard, checkpoint_note
 from workbench.train.distiller import Distiller, cross_entropy, logits_of, run_model, to_device
 from workbench.train.precision import autocast_settings
 
@@ -104,39 +105,47 @@ def _call(callbacks: Sequence[Any], hook: str, state: TrainState) -> None:
 
 
 def _train_step(module: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, dtype: torch.dtype | None,
-                batch: Any, state: TrainState, seed: int, last_checkpoint: Any) -> dict[str, float]:
-    """One optimizer step; returns the logged values (averaged over ranks). Non-finite -> FloatingPointError."""
+                batch: Any, state: TrainState, seed: int, last_checkpoint: Any, guard: FiniteGuard) -> dict[str, float]:
+    """One optimizer step; returns the logged values (averaged over ranks). Non-finite -> FloatingPointError.
+
+    The loss values, the gradients' check and the previous step's parameter check are read in one host
+    sync, after the backward pass and before the optimizer steps (see :mod:`workbench.train.guard`).
+    """
     batch = to_device(batch, state.device)
-    torch.manual_seed(_step_seed(seed, state.rank, state.step))
-    with torch.autocast(state.device.type, dtype=dtype, enabled=dtype is not None):
-        total, parts = module(batch)
+
+    def forward(target: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        torch.manual_seed(_step_seed(seed, state.rank, state.step))
+        with torch.autocast(state.device.type, dtype=dtype, enabled=dtype is not None):
+            return target(batch)
+
+    total, parts = forward(module)
     names = ["loss", *parts]
     logged = torch.stack([total.detach().float(), *(value.float().to(total.device) for value in parts.values())])
+    optimizer.zero_grad(set_to_none=True)
+    (scaler.scale(total) if scaler is not None else total).backward()  # a NaN loss is refused below, before a step
     if state.world_size > 1:  # also keeps the ranks in step: all stop together on a NaN anywhere
         torch.distributed.all_reduce(logged)
         logged /= state.world_size
-    values = dict(zip(names, logged.tolist()))
+    numbers = torch.cat([logged, guard.flags(logged.device)]).tolist()
+    values = dict(zip(names, numbers))
+    flags = guard.verify_parameters(numbers[len(names):], last_checkpoint)
     bad = [name for name, value in values.items() if not math.isfinite(value)]
     if bad:
         culprits = [name for name in bad if name != "loss"] or ["loss"]
-        note = ""
-        if last_checkpoint is not False:
-            note = (f" The last good checkpoint, {last_checkpoint}, is kept." if last_checkpoint
-                    else " No checkpoint had been written yet.")
+        note = checkpoint_note(last_checkpoint)
         raise FloatingPointError(
             f"non-finite training loss at epoch {state.epoch}, step {state.step} (batch index {state.batch_index} "
             f"of the epoch, from 0): non-finite terms {culprits} "
             f"({', '.join(f'{name}={values[name]}' for name in culprits)}).{note} "
             "Try a lower lr, or check the inputs and the terms named."
         )
-    optimizer.zero_grad(set_to_none=True)
+    guard.verify_gradients(flags, state, values["loss"], last_checkpoint, forward)
     if scaler is not None:
-        scaler.scale(total).backward()
         scaler.step(optimizer)
         scaler.update()
     else:
-        total.backward()
         optimizer.step()
+    guard.after_step(state, logged.device)
     return values
 
 
@@ -156,6 +165,7 @@ class _Loop:
     state: TrainState
     seed: int
     bar: Any
+    guard: FiniteGuard
 
     def run_epoch(self, epoch: int, skip: int) -> tuple[int | None, bool]:
         """Train on one epoch's batches from ``skip`` on; ``(last batch index, whether the epoch completed)``."""
@@ -166,23 +176,31 @@ class _Loop:
             state.step, state.batch_index = state.step + 1, index
             last_checkpoint = self.checkpoints.last if self.checkpoints.directory is not None else False
             values = _train_step(self.module, self.optimizer, self.scaler, self.dtype, batch, state, self.seed,
-                                 last_checkpoint)
+                                 last_checkpoint, self.guard)
             state.rows.append({"epoch": epoch, "step": state.step, **values, "lr": self.optimizer.param_groups[0]["lr"]})
             if self.scheduler is not None:
                 self.scheduler.step()
             self.bar.update(1)
             self.bar.set_postfix(epoch=epoch, loss=f"{values['loss']:.4f}", refresh=False)
+            if self.callbacks:  # they may read the weights: check the update first
+                self.guard.settle(last_checkpoint)
             _call(self.callbacks, "on_step_end", state)
             end_of_epoch = per_epoch is not None and index == per_epoch - 1
             if self.checkpoints.due(state.step) and not end_of_epoch and not state.stop:
+                self.guard.settle(last_checkpoint)
                 self.checkpoints.save(state.step, epoch, index + 1, state.rows)
             if state.stop:
-                return index, end_of_epoch
-        return index, True
+                break
+        last_checkpoint = self.checkpoints.last if self.checkpoints.directory is not None else False
+        self.guard.settle(last_checkpoint)  # before evaluation, the epoch's checkpoint and the end
+        if index is None and skip == 0:
+            raise ValueError(f"the training data gave no batches in epoch {epoch} (an empty iterable, or one that "
+                             "can be read only once); fit needs at least one sample every epoch")
+        return index, not state.stop or (per_epoch is not None and index == per_epoch - 1)
 
 
 def _check_arguments(eval: Any, eval_data: Any, epochs: int, schedule: str, checkpoint_dir: Any,
-                     checkpoint_every: Any, resume: bool) -> Any:
+                     checkpoint_every: Any, resume: bool, overwrite: bool = False) -> Any:
     """Fail early on bad settings; returns the evaluation data (``eval`` or its alias ``eval_data``)."""
     if isinstance(eval, int) and not isinstance(eval, bool):
         raise TypeError("fit(model, train, eval, epochs): the third argument is the evaluation data; pass epochs=N")
@@ -196,6 +214,8 @@ def _check_arguments(eval: Any, eval_data: Any, epochs: int, schedule: str, chec
         raise ValueError(f"checkpoint_every must be a positive number of steps or None, got {checkpoint_every!r}")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir= (where the checkpoints are)")
+    if overwrite and checkpoint_dir is None:
+        raise ValueError("overwrite=True needs checkpoint_dir= (the folder whose old run it replaces)")
     return eval if eval is not None else eval_data
 
 
@@ -224,6 +244,7 @@ def fit(
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     amp: str | bool | None = "auto",
     progress: bool = True,
     eval_data: Any = None,
@@ -261,7 +282,7 @@ def fit(
         >>> len(history), list(history.columns)
         (4, ['epoch', 'step', 'loss', 'lr'])
     """
-    eval = _check_arguments(eval, eval_data, epochs, schedule, checkpoint_dir, checkpoint_every, resume)
+    eval = _check_arguments(eval, eval_data, epochs, schedule, checkpoint_dir, checkpoint_every, resume, overwrite)
     device, rank, world = setup_distributed(device)
     distiller = model if isinstance(model, Distiller) else None
     objective = distiller if distiller is not None else _Supervised(model)
@@ -279,9 +300,9 @@ def fit(
         dtype, scaler = autocast_settings(amp, device)
         checkpoints = Checkpointer(
             checkpoint_dir, checkpoint_every, distiller or model, {"optimizer": opt, "scheduler": sched, "scaler": scaler},
-            {"seed": seed, "batch_size": batch_size, "world_size": world}, callbacks, rank, world,
+            {"seed": seed, "batch_size": batch_size, "world_size": world, "amp": str(dtype)}, callbacks, rank, world,
         )
-        loaded = checkpoints.resume() if resume else None
+        loaded = checkpoints.start(resume, overwrite, batches.per_epoch, epochs)  # before the first epoch
         module = wrap_ddp(objective, device, first) if world > 1 else objective
         state = TrainState(model=model, distiller=distiller, student=distiller.student if distiller else model,
                            optimizer=opt, device=device, epochs=epochs, rank=rank, world_size=world,
@@ -289,7 +310,8 @@ def fit(
         start_epoch, skip = (loaded.epoch, loaded.batch_index) if loaded else (1, 0)
         state.step, state.epoch = (loaded.step if loaded else 0), start_epoch
         loop = _Loop(module, objective, opt, sched, scaler, dtype, batches, checkpoints, callbacks, state, seed,
-                     tqdm(total=total, initial=state.step, disable=not progress, desc="fit", leave=False))
+                     tqdm(total=total, initial=state.step, disable=not progress, desc="fit", leave=False),
+                     FiniteGuard(objective, distiller or model, opt, scaler))
         try:
             _call(callbacks, "on_train_begin", state)
             for epoch in range(start_epoch, epochs + 1):
