@@ -263,12 +263,18 @@ def fit(
     Columns: ``epoch``, ``step`` (from 1), ``loss`` (the weighted total), each term's unweighted
     value (``ce``, ...) for a Distiller, ``lr``, and ``eval_accuracy`` (the student's top-1) on each
     epoch's last row when ``eval`` is given. A non-finite loss raises ``FloatingPointError`` naming the
-    step, the terms and the batch index, before any weight changes.
+    step, the terms and the batch index, before any weight changes; so does a non-finite gradient under
+    a finite loss (naming the term and the parameters; under an fp16 GradScaler such a step is skipped
+    instead), and an optimizer step that made a parameter non-finite (see :mod:`workbench.train.guard`).
+    Empty training data is a ``ValueError``.
 
     ``checkpoint_dir``: write a checkpoint every ``checkpoint_every`` steps (else at each epoch's end)
-    and at the end (see :mod:`workbench.train.checkpoint`); ``resume=True`` continues from the newest
-    one there (or starts afresh if there is none), repeating the uninterrupted history exactly on the
-    CPU. ``callbacks``: see :mod:`workbench.train.callbacks`. Under ``torchrun`` (or an initialised
+    and at the end (see :mod:`workbench.train.checkpoint`); the folder is checked writable before the
+    first epoch. ``resume=True`` continues from the newest intact one there (or starts afresh if there
+    is none), repeating the uninterrupted history exactly on the CPU; it refuses another optimizer or
+    schedule than the checkpoint's. A new run refuses a folder holding checkpoints unless
+    ``overwrite=True``, which removes them once the new run's first checkpoint is written (see
+    :mod:`workbench.train.checkpointer`). ``callbacks``: see :mod:`workbench.train.callbacks`. Under ``torchrun`` (or an initialised
     process group) the trained module is wrapped in DistributedDataParallel, each rank takes its share
     of every global batch, and the logged values are averaged over ranks. Seeded and deterministic on
     the CPU; the caller's RNG state is left untouched. The model is left in eval mode on ``device``.
