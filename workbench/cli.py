@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
+import math
+import os
 import re
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from workbench import __version__, reports
@@ -23,14 +27,22 @@ _JSON_EXAMPLES = {list: '\'["blocks.0", "blocks.2"]\'', dict: '\'{"widths": [8, 
 _REPORT_EPILOG = """\
 parameters:
   -p key=value or -p key value, repeatable. Values are cast to the type in the notebook's parameters
-  cell: 1000 -> int, true/false -> bool, none -> None (optional parameters), JSON for lists and dicts
-  (-p teacher_layers '["blocks.0", "blocks.2"]'). Unknown names and values of the wrong type stop the
-  run before anything executes. `kd-workbench report NAME --help` lists NAME's parameters.
+  cell: 1000 -> int, 2.5 -> float (finite: no nan/inf), true/false -> bool, none -> None (optional
+  parameters), text -> str, JSON for lists and dicts (-p teacher_layers '["blocks.0", "blocks.2"]',
+  -p weights '{"kd": 2.0}'). Values are data, never code: only JSON types are accepted (str, int,
+  float, bool, None, lists, dicts with string keys, nested); Python literals such as ['a'] are read
+  only when they mean the same JSON (no tuples, sets, bytes or non-string keys). Arguments must be
+  UTF-8 text. Unknown names and values of the wrong type stop the run before anything executes.
+  `kd-workbench report NAME --help` lists NAME's parameters.
 
 output:
   <output-dir>/<name>/<run-id>/report.ipynb and report.html (run-id: time stamp + parameter hash).
-  The HTML opens offline (plotly.js embedded). Exit status: 0 done, 1 a cell failed (the partial
-  notebook is kept and its path printed), 2 bad arguments.
+  The HTML opens offline (plotly.js embedded). A file a report writes outside its run folder
+  (distill: -p results_table=FILE.md) must end in .md and is never replaced unless you pass --force
+  (or -p overwrite_results=true); this is checked before the run starts.
+  Exit status: 0 done, 1 a cell failed (the partial notebook is kept and its path printed),
+  2 bad arguments (nothing ran), 128+N stopped by signal N (130 Ctrl-C, 143 SIGTERM; the kernel is
+  shut down, the partial notebook's path printed).
 
 examples:
   kd-workbench report --list
@@ -73,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="set a notebook parameter: -p key=value or -p key value (repeatable)",
     )
     report.add_argument("-o", "--output-dir", default="reports", help="where runs are written (default: ./reports)")
+    report.add_argument("-f", "--force", action="store_true",
+                        help="let the report replace existing output files it is given (results_table)")
     report.add_argument("--progress", action="store_true", help="show papermill's per-cell progress bar")
     report.set_defaults(report_parser=report)
     return parser
@@ -127,17 +141,29 @@ def _cast_one(raw: str, base: str) -> Any:
             raise ValueError("not a whole number")
         return int(raw)
     if base == "float":
-        return float(raw)
+        value = float(raw)
+        if not math.isfinite(value):
+            raise ValueError("not a finite number (no nan or inf)")
+        return value
     if base in ("list", "tuple", "dict"):
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = _python_literal(raw)  # also accept Python literals: ['a', 'b']
         wanted = dict if base == "dict" else list
+        value = _json_or_literal(raw)
         if not isinstance(value, wanted):
-            raise ValueError(f"write it as JSON, e.g. {_JSON_EXAMPLES[wanted]}")
+            raise ValueError(f"write it as JSON, e.g. {_JSON_EXAMPLES[wanted]} (strings in double quotes)")
         return value
     return raw  # str, and types we do not know: the text as given
+
+
+def _json_or_literal(raw: str) -> Any:
+    """JSON, else a Python literal (['a', 'b']) that is the same JSON data; None when neither parses."""
+    try:
+        return json.loads(raw)  # NaN / Infinity parse here and are refused by the JSON-data check
+    except (json.JSONDecodeError, RecursionError):
+        pass
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None
 
 
 def cast_parameter(name: str, raw: str, type_name: str, default: Any) -> Any:
@@ -158,15 +184,20 @@ def cast_parameter(name: str, raw: str, type_name: str, default: Any) -> Any:
         return None
     if bases == ["json"]:
         try:
-            return json.loads(raw)
-        except json.JSONDecodeError:
+            value = json.loads(raw)
+        except (json.JSONDecodeError, RecursionError):
             return raw
+        reports.check_parameters({name: value})
+        return value
     reasons = []
     for base in sorted(bases, key=lambda b: b == "str"):  # str accepts anything: try it last
         try:
-            return _cast_one(raw, base)
+            value = _cast_one(raw, base)
         except ValueError as error:
             reasons.append(str(error))
+            continue
+        reports.check_parameters({name: value})  # a list holding a tuple is refused, not read as text
+        return value
     expected = type_name if type_name not in ("None", "") else type(default).__name__
     raise reports.ParameterError(
         f"parameter {name!r} expects {expected} (default {default!r}), got {raw!r}: {'; '.join(reasons)}"
@@ -182,14 +213,8 @@ def validate_parameters(report: str, raw: dict[str, str]) -> dict[str, Any]:
         {'n_samples': 64, 'debiased': False}
     """
     specs = reports.check_names(report, raw)
-    return {name: cast_parameter(name, text, specs[name]["type"], specs[name]["default"]) for name, text in raw.items()}
-
-
-def _python_literal(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
+    values = {name: cast_parameter(name, text, specs[name]["type"], specs[name]["default"]) for name, text in raw.items()}
+    return reports.check_parameters(values)
 
 
 def format_parameters(name: str) -> str:
@@ -238,7 +263,17 @@ def _report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return EXIT_USAGE
     values = validate_parameters(args.name, parse_parameters(args.parameters))
     try:
-        run = reports.run_report(args.name, values, args.output_dir, progress=args.progress, log=_log)
+        with _signals_as_interrupts():
+            run = reports.run_report(args.name, values, args.output_dir, overwrite=args.force,
+                                     progress=args.progress, log=_log)
+    except reports.ReportInterrupted as interrupted:
+        print(f"error: {interrupted}", file=sys.stderr)
+        if interrupted.notebook is not None:
+            print(f"partial notebook: {interrupted.notebook}", file=sys.stderr)
+        return 128 + interrupted.signal_number
+    except _Signalled as signalled:  # after the notebook ran (while its HTML was written)
+        print(f"error: report {args.name!r} stopped by {signalled}", file=sys.stderr)
+        return 128 + signalled.signal_number
     except reports.ReportFailed as failure:
         print(f"error: {failure}", file=sys.stderr)
         if failure.notebook is not None:
@@ -252,6 +287,49 @@ def _report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return EXIT_OK
 
 
+class _Signalled(KeyboardInterrupt):
+    """SIGTERM / SIGHUP / SIGINT turned into an exception, so the kernel is shut down on the way out."""
+
+    def __init__(self, signal_number: int) -> None:
+        super().__init__(signal.Signals(signal_number).name)
+        self.signal_number = signal_number
+
+
+@contextlib.contextmanager
+def _signals_as_interrupts() -> Iterator[None]:
+    """While a report runs, SIGINT, SIGTERM and SIGHUP raise :class:`_Signalled` once; a repeat is ignored
+    while the kernel shuts down. Signals set to be ignored (``nohup``) stay ignored; off the main thread
+    nothing changes."""
+    def interrupt(number: int, frame: Any) -> None:
+        for name in names:
+            signal.signal(name, signal.SIG_IGN)
+        _log(f"kd-workbench: {signal.Signals(number).name} received: stopping the report and its kernel")
+        raise _Signalled(number)
+
+    names, previous = [], {}
+    with contextlib.suppress(ValueError):  # not the main thread
+        for name in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if name is not None and signal.getsignal(name) not in (signal.SIG_IGN, None):
+                previous[name] = signal.signal(name, interrupt)
+                names.append(name)
+    try:
+        yield
+    finally:
+        for name, handler in previous.items():
+            signal.signal(name, handler)
+
+
+def _undecodable(argv: Sequence[str]) -> str | None:
+    """A message for the first argument that is not UTF-8 (Python keeps its bytes as surrogates), or None."""
+    for position, argument in enumerate(argv, 1):
+        try:
+            argument.encode("utf-8")
+        except UnicodeEncodeError:
+            return (f"argument {position} ({argument!r}, bytes {os.fsencode(argument)!r}) is not valid UTF-8 text; "
+                    "give parameter values, names and paths in UTF-8")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``kd-workbench``; returns the exit status (0 done, 1 report failed, 2 bad arguments).
 
@@ -260,6 +338,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["report", "gap", "-p", "n_sample=10"])  # doctest: +SKIP
         2
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    problem = _undecodable(argv)
+    if problem is not None:
+        print(f"kd-workbench: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command != "report":
@@ -267,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return _report(args, args.report_parser)
-    except reports.ParameterError as error:
+    except (reports.ParameterError, reports.OutputError) as error:
         print(f"kd-workbench report: error: {error}", file=sys.stderr)
         return EXIT_USAGE
 
