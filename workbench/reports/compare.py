@@ -22,6 +22,7 @@ from torch import nn
 from workbench import losses
 from workbench.capture import stage_names
 from workbench.data import num_samples
+from workbench.files import write_atomic
 from workbench.probes.cka_result import CKAResult
 from workbench.probes.cka_stream import cka_matrix
 from workbench.train.distiller import Distiller
@@ -202,10 +203,16 @@ class Comparison:
                              yaxis_title="test accuracy %", legend_title="method")
         return figure
 
-    def save_markdown(self, path: str | Path, command: str = "") -> Path:
-        """Write the table, the settings and ``command`` (how to re-run it) to ``path``; returns the path."""
+    def save_markdown(self, path: str | Path, command: str = "", *, overwrite: bool = False) -> Path:
+        """Write the table, the settings and ``command`` (how to re-run it) to ``path`` (a ``.md`` file)
+        atomically; returns the path. An existing file is replaced only with ``overwrite=True``
+        (``FileExistsError`` otherwise); another suffix is a ``ValueError``."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix != ".md":
+            raise ValueError(f"the results table must be a Markdown file ending in .md, got {str(path)!r}")
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{str(path)!r} exists: pass overwrite=True (report: --force or "
+                                  "-p overwrite_results=true) to replace it, or give another file name")
         settings = ", ".join(f"{key}={value!r}" for key, value in self.settings.items())
         text = ["# Distillation methods compared", ""]
         if command:
@@ -216,8 +223,7 @@ class Comparison:
                  "mean debiased linear CKA of teacher stage i and student stage i on the probe images.", ""]
         text += ["Methods:", ""] + [f"- `{name}`: {METHODS[name].description}" for name in self.methods
                                     if name in METHODS]
-        path.write_text("\n".join(text) + "\n", encoding="utf-8")
-        return path
+        return write_atomic(path, "\n".join(text) + "\n")
 
 
 def _whole_batches(train: Any, batch_size: int, smallest: int = 4) -> Any:
