@@ -7,6 +7,9 @@ knows nothing about models or hooks, so it can be called in any training loop.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import nn
 
@@ -33,6 +36,25 @@ class Term(nn.Module):
 
     def teacher_side(self, teacher: torch.Tensor) -> torch.Tensor:
         return teacher.detach() if self.teacher_detach else teacher
+
+
+def check_setting(term: str, name: str, value: object, *, positive: bool = False) -> float:
+    """A term's hyper-parameter as a float; ``ValueError`` unless it is finite and ≥ 0 (``> 0`` if ``positive``).
+
+    Example:
+        >>> check_setting("KD", "T", 4, positive=True)
+        4.0
+        >>> check_setting("KD", "T", 0.0, positive=True)
+        Traceback (most recent call last):
+        ...
+        ValueError: KD: T must be a finite number > 0, got 0.0
+    """
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    number = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
+    if not math.isfinite(number) or number < 0 or (positive and number == 0):
+        raise ValueError(f"{term}: {name} must be a finite number {'>' if positive else '≥'} 0, got {value!r}")
+    return number
 
 
 def check_same_samples(student: torch.Tensor, teacher: torch.Tensor, term: str) -> None:
@@ -85,12 +107,17 @@ def logit_rows(
         if needs_targets:
             raise ValueError(f"{term} needs targets: class indices of shape {tuple(student.shape[:-1])}")
         return rows[0], rows[1], None
-    if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.shape != student.shape[:-1]:
-        found = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+    if not isinstance(targets, torch.Tensor):
+        raise ValueError(f"{term}: targets must be a tensor of integer class indices, got {type(targets).__name__}")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        dtype = str(targets.dtype).removeprefix("torch.")
+        raise ValueError(f"{term}: targets must be integer class indices (int64), got dtype {dtype}")
+    if targets.shape != student.shape[:-1]:
         raise ValueError(
-            f"{term}: targets must be integer class indices of shape {tuple(student.shape[:-1])}, got {found}"
+            f"{term}: targets must be integer class indices of shape {tuple(student.shape[:-1])}, "
+            f"got shape {tuple(targets.shape)}"
         )
-    flat = targets.reshape(-1).to(student.device)
+    flat = targets.reshape(-1).to(student.device, torch.long)
     keep = flat != IGNORE_INDEX
     if (((flat < 0) | (flat >= classes)) & keep).any():
         raise ValueError(f"{term}: targets must be class indices in [0, {classes}) or {IGNORE_INDEX}")

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from workbench.losses.base import Term, logit_rows
+from workbench.losses.base import Term, check_setting, logit_rows
+from workbench.losses.logits import kl_rows
 
 
 class DKD(Term):
@@ -23,7 +24,8 @@ class DKD(Term):
     https://arxiv.org/abs/2203.08679. Defaults ``alpha=1, beta=8, T=4`` (CIFAR-100, as mdistiller; the
     paper uses ``beta=0.5`` on ImageNet and warms the DKD weight up linearly over the first 20 epochs —
     that warm-up belongs to the loss weight in the training loop, not to this term). The values equal
-    mdistiller's ``dkd_loss``; non-target classes are dropped instead of masked by ``-1000``.
+    mdistiller's ``dkd_loss``; non-target classes are dropped instead of masked by ``-1000``. Classes
+    masked by ``-inf`` on both sides take no part (as in :mod:`workbench.losses.logits`).
     Shapes: logits ``[n, C]`` (or ``[n, t, C]``), targets ``[n]`` (or ``[n, t]``, -100 skipped) -> scalar.
 
     Example:
@@ -35,7 +37,8 @@ class DKD(Term):
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, T: float = 4.0, teacher_detach: bool = True) -> None:
         super().__init__(teacher_detach)
-        self.alpha, self.beta, self.T = alpha, beta, T
+        self.alpha, self.beta = check_setting("DKD", "alpha", alpha), check_setting("DKD", "beta", beta)
+        self.T = check_setting("DKD", "T", T, positive=True)
 
     def parts(
         self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor
@@ -54,8 +57,7 @@ class DKD(Term):
             log_rest = torch.logsumexp(log_p.masked_fill(is_target, -torch.inf), dim=1)  # log(1 − p_g)
             binary.append(torch.stack([log_target, log_rest], dim=1))
             non_target.append(F.log_softmax(scaled[~is_target].view(rows, classes - 1), dim=1))
-        tckd = F.kl_div(binary[0], binary[1], reduction="none", log_target=True).sum(1)
-        nckd = F.kl_div(non_target[0], non_target[1], reduction="none", log_target=True).sum(1)
+        tckd, nckd = kl_rows(binary[1], binary[0]), kl_rows(non_target[1], non_target[0])
         return self.T**2 * tckd, self.T**2 * nckd
 
     def forward(

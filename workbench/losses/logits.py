@@ -3,6 +3,13 @@
 All take logits ``[n, C]`` (or token logits ``[n, t, C]``, averaged over tokens; with ``targets`` of shape
 ``[n, t]``, tokens whose target is -100 are skipped), divide them by the temperature ``T``, and scale the
 divergence by ``T²`` so gradients keep their size across temperatures (Hinton et al. 2015).
+
+Masked logits: a class whose logit is ``-inf`` has probability 0, and ``0 · log 0 = 0``, so a class
+masked on both sides (vocabulary padding, masked classes) takes no part: the value and the gradients
+are those of the same term on the logits with that column removed. A class masked on one side only
+counts as 0 where the masked side is the weighing one, and makes the divergence ``+inf`` where the
+other side puts mass on it (KD with the student masked where the teacher is not): that is the exact
+value, returned without a device synchronisation; ``fit`` stops on it and names the term.
 """
 from __future__ import annotations
 
@@ -11,12 +18,30 @@ import math
 import torch
 import torch.nn.functional as F
 
-from workbench.losses.base import Term, logit_rows
+from workbench.losses.base import Term, check_setting, logit_rows
+
+
+def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``KL(p ‖ q)`` of each row from log-probabilities ``[r, C]`` -> ``[r]``, with ``0 · log 0 = 0``.
+
+    Classes where ``p`` is 0 (``log_p = -inf``) contribute exactly 0, with zero gradient;
+    ``torch.nn.functional.kl_div`` gives NaN there when ``q`` is 0 too.
+
+    Example:
+        >>> import math, torch
+        >>> log_p = torch.tensor([[math.log(0.5), math.log(0.5), -math.inf]])
+        >>> kl_rows(log_p, log_p.clone())
+        tensor([0.])
+    """
+    # p = exp(-inf) is already 0 there; only the log-ratio (-inf - -inf = NaN) needs replacing, before the
+    # product, so that no NaN reaches the backward pass either
+    log_ratio = (log_p - log_q).masked_fill_(torch.isneginf(log_p), 0.0)
+    return (log_p.exp() * log_ratio).sum(dim=1)
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """``mean over rows of KL(p ‖ q)`` from log-probabilities ``[r, C]``."""
-    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+    return kl_rows(log_p, log_q).mean()
 
 
 class _TemperedDivergence(Term):
@@ -24,7 +49,7 @@ class _TemperedDivergence(Term):
 
     def __init__(self, T: float, teacher_detach: bool = True) -> None:
         super().__init__(teacher_detach)
-        self.T = T
+        self.T = check_setting(type(self).__name__, "T", T, positive=True)
 
     def divergence(self, log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -100,5 +125,8 @@ class JensenShannon(_TemperedDivergence):
         super().__init__(T, teacher_detach)
 
     def divergence(self, log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
-        log_m = torch.logsumexp(torch.stack([log_s, log_t]), dim=0) - math.log(2.0)
+        # a class masked on both sides is left out; filling it keeps logsumexp's gradient finite there
+        both = torch.isneginf(log_s) & torch.isneginf(log_t)
+        pair = torch.stack([log_s.masked_fill(both, 0.0), log_t.masked_fill(both, 0.0)])
+        log_m = torch.logsumexp(pair, dim=0) - math.log(2.0)
         return 0.5 * (_kl(log_t, log_m) + _kl(log_s, log_m))

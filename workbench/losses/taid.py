@@ -6,7 +6,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from workbench.losses.base import Term, logit_rows
+from workbench.losses.base import Term, check_setting, logit_rows
+from workbench.losses.logits import kl_rows
 
 SCHEDULES = ("adaptive", "linear")
 
@@ -47,6 +48,7 @@ class TAID(Term):
     Efficient Knowledge Transfer in Language Models", https://arxiv.org/abs/2501.16937. Defaults
     ``alpha_start=0.4, alpha_end=1.0, step_size=5e-4, momentum=0.99`` (the paper's).
     Shapes: logits ``[n, C]`` or ``[n, t, V]`` (targets ``[n, t]`` with -100 mask tokens) -> scalar.
+    Classes masked by ``-inf`` on both sides take no part (as in :mod:`workbench.losses.logits`).
 
     Example:
         >>> import torch
@@ -69,13 +71,18 @@ class TAID(Term):
     ) -> None:
         super().__init__(teacher_detach)
         if not 0.0 <= alpha_start <= alpha_end <= 1.0:
-            raise ValueError(f"need 0 ≤ alpha_start ≤ alpha_end ≤ 1, got {alpha_start} and {alpha_end}")
+            raise ValueError(f"TAID: need 0 ≤ alpha_start ≤ alpha_end ≤ 1, got {alpha_start} and {alpha_end}")
         if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+            raise ValueError(f"TAID: schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                        or total_steps < 1):
+            raise ValueError(f"TAID: total_steps must be a positive integer or None, got {total_steps!r}")
         if schedule == "linear" and not total_steps:
-            raise ValueError("the linear schedule needs total_steps")
+            raise ValueError("TAID: the linear schedule needs total_steps")
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"TAID: momentum must be in [0, 1], got {momentum!r}")
         self.alpha_start, self.alpha_end = alpha_start, alpha_end
-        self.step_size, self.momentum, self.schedule = step_size, momentum, schedule
+        self.step_size, self.momentum, self.schedule = check_setting("TAID", "step_size", step_size), momentum, schedule
         self.total_steps, self.auto_update = total_steps, auto_update
         self.register_buffer("alpha_value", torch.tensor(float(alpha_start), dtype=torch.float64))
         self.register_buffer("momentum_value", torch.zeros((), dtype=torch.float64))
@@ -93,8 +100,14 @@ class TAID(Term):
     ) -> torch.Tensor:
         student, teacher, _ = logit_rows(student, self.teacher_side(teacher), targets, "TAID")
         alpha = self.alpha
-        log_target = F.log_softmax((1 - alpha) * student.detach() + alpha * teacher, dim=1)
-        loss = F.kl_div(F.log_softmax(student, dim=1), log_target, reduction="batchmean", log_target=True)
+        # at the end points the other side is left out, not multiplied by 0 (0 · -inf is NaN on masked classes)
+        if alpha == 0.0:
+            mixed = student.detach()
+        elif alpha == 1.0:
+            mixed = teacher
+        else:
+            mixed = (1 - alpha) * student.detach() + alpha * teacher
+        loss = kl_rows(F.log_softmax(mixed, dim=1), F.log_softmax(student, dim=1)).mean()
         self.last_loss = loss.detach()
         if self.auto_update and self.training and torch.is_grad_enabled():
             self.update(self.last_loss)
