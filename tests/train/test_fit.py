@@ -161,3 +161,22 @@ def test_empty_training_data_is_an_error_not_an_empty_history():
     for data in (empty, DataLoader(empty, batch_size=4), NoBatches()):
         with pytest.raises(ValueError, match="no (samples|batches)"):
             fit(torch.nn.Linear(4, 2), data, device="cpu", progress=False)
+
+
+def test_trained_on_a_full_disk_says_so_and_leaves_no_cache_file(cache_folder, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    from workbench.files import DiskFullError
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        with open(filename, "wb") as handle:
+            handle.write(b"\0" * 10)  # a partial write, as a full disk leaves it
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    before = sorted(p.name for p in cache_folder.iterdir())
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(DiskFullError, match="No space left on device"):
+        trained("mlp", "shapes", epochs=1, size=8, channels=1, hidden=(4,), progress=False)
+    assert sorted(p.name for p in cache_folder.iterdir()) == before, "no partial cache entry is left behind"
