@@ -125,7 +125,8 @@ def test_animals_reach_every_report_helper():
     assert reports.seeded_model("cnn_small", "animals").head.out_features == 10
     assert reports.seeded_model("cnn_small", "shapes").head.out_features == 4
     train, test = reports.training_set("animals"), reports.evaluation_data("animals")
-    assert torch.equal(train.tensors[0], animals("train").tensors[0]) and len(reports.training_set("animals", 300)) == 300
+    assert torch.equal(train.tensors[0], animals("train").tensors[0])
+    assert len(reports.training_set("animals", 300)) == 300
     assert torch.equal(test.tensors[1], animals("test").tensors[1]) and tuple(test.tensors[0].shape[1:]) == (1, 32, 32)
 
 

@@ -10,4 +10,7 @@ from workbench.data.digits import digits
 from workbench.data.loaders import as_loader, inputs_of, num_samples, targets_of
 from workbench.data.shapes import SHAPE_CLASSES, shapes
 
-__all__ = ["digits", "animals", "ANIMAL_CLASSES", "shapes", "SHAPE_CLASSES", "as_loader", "inputs_of", "targets_of", "num_samples"]
+__all__ = [
+    "digits", "animals", "ANIMAL_CLASSES", "shapes", "SHAPE_CLASSES",
+    "as_loader", "inputs_of", "targets_of", "num_samples",
+]
