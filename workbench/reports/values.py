@@ -6,9 +6,11 @@ tuple, set, bytes, NaN / Inf, a subclass (``numpy.float64``, an ``int`` with its
 other object is refused with a :class:`ParameterError` naming the parameter and the place inside it.
 
 The parameters cell papermill injects is built here, not by papermill's translator (which writes a value's
-text into Python source): each value is encoded as JSON (ASCII only) and that text is written as one
-Python string literal decoded by ``json.loads`` in the cell. The literal holds only printable ASCII whose
-quotes and backslashes are all escaped, so no value can end it early: the cell is safe by construction.
+text into Python source): a str, list or dict is encoded as JSON (ASCII only) and that text is written as
+one Python string literal decoded by ``json.loads`` in the cell. The literal holds only printable ASCII
+whose quotes and backslashes are all escaped, so no value can end it early. An int, float, bool or None
+(exact types, finite) is written as its ``repr`` — digits, ``True``, ``None``: nothing else can appear.
+The cell is safe by construction.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ __all__ = ["ParameterError", "MAX_DEPTH", "check_value", "check_parameters", "pa
 MAX_DEPTH = 64  # nesting of lists / dicts inside one value
 _DECODER = "_kd_workbench_json"  # the module alias the injected cell uses (and deletes again)
 _SCALARS = (str, int, float, bool, type(None))
+_MAX_INT_BITS = 13_000  # about 3,900 digits: Python refuses to turn ints of over 4,300 digits into text
 
 
 class ParameterError(ValueError):
@@ -71,6 +74,8 @@ def check_value(name: str, value: Any, _path: str = "", _depth: int = 0) -> None
     where = f"{name}{_path}"
     kind = type(value)
     if kind in _SCALARS:
+        if kind is int and value.bit_length() > _MAX_INT_BITS:
+            raise _refuse(where, f"<int of {value.bit_length()} bits>", "too large to write as text (over 4000 digits)")
         if kind is float and not math.isfinite(value):
             raise _refuse(where, value, "is not a finite number (JSON has no NaN or Infinity; use None for 'no value')")
         if kind is str and not _utf8(value):
@@ -122,22 +127,28 @@ def _encode(value: Any) -> str:
 
 
 def parameters_source(values: Mapping[str, Any], comment: str = "Parameters") -> str:
-    """The source of the injected parameters cell: one ``name = json.loads("<JSON>")`` line per value.
+    """The source of the injected parameters cell: ``name = <number, bool or None>`` or
+    ``name = json.loads("<JSON>")`` (str, list, dict), one line per value.
 
     Example:
         >>> from workbench.reports.values import parameters_source
-        >>> print(parameters_source({"student": 'vit"; import os', "n_samples": 64}))
-        # Parameters (JSON text decoded by json.loads: values are data, never code)
+        >>> print(parameters_source({"student": 'vit"; import os', "n_samples": 64, "lr": 0.5, "weights": None}))
+        # Parameters (text, lists and dicts as JSON decoded by json.loads: values are data, never code)
         import json as _kd_workbench_json
         student = _kd_workbench_json.loads("\\"vit\\\\\\"; import os\\"")
-        n_samples = _kd_workbench_json.loads("64")
+        n_samples = 64
+        lr = 0.5
+        weights = None
         del _kd_workbench_json
         <BLANKLINE>
     """
     values = check_parameters(values)
-    lines = [f"# {comment} (JSON text decoded by json.loads: values are data, never code)",
+    lines = [f"# {comment} (text, lists and dicts as JSON decoded by json.loads: values are data, never code)",
              f"import json as {_DECODER}"]
     for name, value in values.items():
+        if type(value) in (int, float, bool, type(None)):  # exact types, finite: repr is a plain literal
+            lines.append(f"{name} = {value!r}")
+            continue
         literal = json.dumps(_encode(value))  # the JSON text as a string literal: only \" and \\ escapes
         if not (literal.isascii() and literal.isprintable()):  # cannot happen: _encode is ASCII, no controls
             raise ParameterError(f"parameter {name!r} could not be encoded safely")
