@@ -92,6 +92,33 @@ def test_cast_parameter_errors_name_parameter_type_and_value(raw, type_name, def
     assert "'n_samples'" in message and type_name in message and repr(raw) in message
 
 
+@pytest.mark.parametrize(
+    "raw, type_name, default, message",
+    [
+        ("nan", "float", 1.0, "finite"),
+        ("inf", "float", 1.0, "finite"),
+        ("1e999", "float", 1.0, "finite"),
+        ("[1, NaN]", "list", [], r"p\[1\] = nan is not a finite number"),
+        ("[('blocks.0',)]", "Union[str, list]", "stages", r"p\[0\] = \('blocks.0',\) is a tuple"),  # not text
+        ("{'a': {1, 2}}", "dict", {}, r"p\['a'\] = \{1, 2\} is a set"),
+        ("{1: 'a'}", "dict", {}, "has the key 1 of type int: dict keys must be strings"),
+        ("[b'x']", "list", [], r"p\[0\] = b'x' is a bytes"),
+        ("[1j]", "list", [], r"p\[0\] = 1j is a complex"),
+        ("[Infinity]", "None", None, r"p\[0\] = inf is not a finite number"),  # no annotation: JSON
+    ],
+)
+def test_cast_parameter_refuses_what_is_not_json_data(raw, type_name, default, message):
+    with pytest.raises(reports.ParameterError, match=message):
+        cli.cast_parameter("p", raw, type_name, default)
+
+
+def test_deeply_nested_text_is_refused_without_a_traceback(executor, tmp_path, capsys):
+    status = cli.main(["report", "gap", "-p", "teacher_kwargs", '{"a": ' * 100 + "1" + "}" * 100, "-o", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert status == cli.EXIT_USAGE and "nested deeper than" in err and "Traceback" not in err
+    assert executor == [] and list(tmp_path.iterdir()) == []
+
+
 def test_unknown_name_exits_nonzero_suggests_and_runs_nothing(executor, tmp_path, capsys):
     status = cli.main(["report", "gap", "-p", "n_sample=10", "--output-dir", str(tmp_path)])
     err = capsys.readouterr().err
