@@ -81,14 +81,39 @@ class CKAResult(JsonResult):
         frame.index.name, frame.columns.name = "teacher_layer", "student_layer"
         return frame
 
+    def dead_layers(self) -> tuple[list[str], list[str]]:
+        """``(teacher, student)`` layers with no defined CKA (an all-NaN row / column: a dead layer).
+
+        Example:
+            >>> result = CKAResult(np.array([[0.9, np.nan], [np.nan, np.nan]]), ["t1", "t2"], ["s1", "s2"], n_samples=8)
+            >>> result.dead_layers()
+            (['t2'], ['s2'])
+        """
+        undefined = np.isnan(self.values)
+        return ([name for name, dead in zip(self.teacher_layers, undefined.all(axis=1)) if dead],
+                [name for name, dead in zip(self.student_layers, undefined.all(axis=0)) if dead])
+
     def best_matches(self) -> pd.DataFrame:
-        """For each student layer, the teacher layer it is most similar to and that CKA."""
-        best = np.nanargmax(np.nan_to_num(self.values, nan=-np.inf), axis=0)
+        """For each student layer, the teacher layer it is most similar to and that CKA.
+
+        NaN entries (dead layers) are never chosen; a student layer with no defined CKA at all gets
+        ``teacher_layer`` None and ``cka`` NaN, not a made-up match.
+
+        Example:
+            >>> result = CKAResult(np.array([[np.nan, np.nan], [0.4, np.nan]]), ["t1", "t2"], ["s1", "s2"], n_samples=8)
+            >>> result.best_matches()["teacher_layer"].tolist()
+            ['t2', None]
+        """
+        defined = ~np.isnan(self.values).all(axis=0)
+        best = np.argmax(np.nan_to_num(self.values, nan=-np.inf), axis=0)
+        columns = np.arange(len(self.student_layers))
         return pd.DataFrame(
             {
                 "student_layer": self.student_layers,
-                "teacher_layer": [self.teacher_layers[i] for i in best],
-                "cka": self.values[best, np.arange(len(self.student_layers))],
+                "teacher_layer": pd.Series(  # object dtype: pandas' string dtype would turn None into NaN
+                    [self.teacher_layers[i] if ok else None for i, ok in zip(best, defined)], dtype=object
+                ),
+                "cka": np.where(defined, self.values[best, columns], np.nan),
             }
         )
 

@@ -12,6 +12,7 @@ accumulators merge by adding them (across batches, devices, or ranks with ``all_
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from contextlib import closing
 
@@ -21,7 +22,10 @@ from torch import nn
 
 from workbench.capture import LayerSelector
 from workbench.probes.cka_result import CKAResult
-from workbench.probes.kernels import KERNELS, centre_gram, centred_gram, hsic_scale, rbf_from_gram
+from workbench.probes.kernels import (
+    KERNELS, centre_gram, check_rbf_settings, dead_layer_message, hsic_scale, rbf_from_gram, scaled_centred_gram,
+    zero_floor,
+)
 from workbench.probes.stream import paired_batches
 
 
@@ -35,8 +39,22 @@ def check_kernel(kernel: str) -> None:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
 
+MAX_EXPONENT = 200
+"""Float64 features whose largest centred magnitude is beyond 2**±200 (≈ 1e±60) are refused: the HSIC sums
+(fourth powers of the features) would leave float64's range. Every float32 / half / integer layer fits."""
+
+
 class CKAAccumulator:
     """Sufficient statistics of the minibatch CKA between teacher and student layers (names, or counts).
+
+    Each batch's Gram is formed in the features' dtype (float32 stays float32, the fast path) from
+    centred features scaled by a power of two (exact: no digit changes), then summed in float64 in the
+    features' own units, so float32 activations of any magnitude (1e-23 or 1e30) are exact. Integer and
+    bool activations are centred exactly (int64 / float64) before a float32 product.
+
+    A layer whose accumulated (U-)centred Gram is zero up to rounding (see
+    :data:`workbench.probes.kernels.DEAD_TOLERANCE`) is dead: :meth:`values` gives NaN for its row or
+    column and warns once per dead layer, naming it.
 
     Example:
         >>> import torch
@@ -58,37 +76,65 @@ class CKAAccumulator:
         sigma: float | None = None,
     ):
         check_kernel(kernel)
+        if kernel == "rbf":
+            check_rbf_settings(threshold, sigma)
         self.kernel, self.debiased, self.threshold, self.sigma = kernel, debiased, threshold, sigma
         self.teacher_layers = _layer_labels(teacher_layers)
         self.student_layers = _layer_labels(student_layers)
         self.cross = torch.zeros(len(self.teacher_layers), len(self.student_layers), dtype=torch.float64)
         self.teacher_self = torch.zeros(len(self.teacher_layers), dtype=torch.float64)
         self.student_self = torch.zeros(len(self.student_layers), dtype=torch.float64)
+        # Σ_b scale · zero_floor(trace K_b): the self terms at or below these are rounding (a dead layer)
+        self.teacher_floor = torch.zeros(len(self.teacher_layers), dtype=torch.float64)
+        self.student_floor = torch.zeros(len(self.student_layers), dtype=torch.float64)
         self.n_samples = 0
         self.n_batches = 0
 
-    def _centred_grams(self, features: Sequence[torch.Tensor], role: str, layers: list[str]) -> torch.Tensor:
-        """``[L, n·n]`` float64: each layer's Gram, (U-)centred and flattened.
+    def settings(self) -> dict[str, object]:
+        """What must agree for two accumulators to merge: layers, kernel, estimator and RBF bandwidth."""
+        rbf = {"threshold": self.threshold, "sigma": self.sigma} if self.kernel == "rbf" else {}
+        return {"teacher_layers": self.teacher_layers, "student_layers": self.student_layers,
+                "kernel": self.kernel, "debiased": self.debiased, **rbf}
 
-        The NaN/Inf check reads the n×n Gram, not the n×d features: a non-finite feature always makes
-        its Gram non-finite, and a finite one that overflows float32 is recomputed in float64.
+    def _layer_gram(self, value: torch.Tensor, role: str, layer: str) -> tuple[torch.Tensor, torch.dtype]:
+        """One layer's linear Gram in float64 (the features' units) and the dtype its product ran in.
+
+        One host read per layer (as before): the Gram's finiteness and, for float64 features, the range.
+        A non-finite feature always makes the Gram non-finite; a finite float32 one whose column mean
+        overflows is recomputed in float64.
         """
+        gram, exponent = scaled_centred_gram(value)
+        if not bool(torch.isfinite(gram).all() & (exponent.abs() <= MAX_EXPONENT)):
+            if not torch.isfinite(value).all():
+                raise FloatingPointError(
+                    f"{role} layer {layer!r} produced NaN or Inf in the batch starting at sample {self.n_samples}"
+                )
+            if value.dtype == torch.float64 and abs(int(exponent)) > MAX_EXPONENT:
+                raise ValueError(
+                    f"{role} layer {layer!r} has float64 features of magnitude about 2**{int(exponent)} in the batch "
+                    f"starting at sample {self.n_samples}: beyond 2**±{MAX_EXPONENT}, the HSIC sums leave float64's "
+                    "range. CKA is scale-invariant: divide the layer's features by a constant (e.g. their max)"
+                )
+            gram, exponent = scaled_centred_gram(value.to(torch.float64))
+        unscale = (exponent.to(torch.int64) * 2 + 1023) << 52  # 4**exponent, exact, on the device
+        return gram.to(torch.float64) * unscale.view(torch.float64), gram.dtype
+
+    def _centred_grams(
+        self, features: Sequence[torch.Tensor], role: str, layers: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.dtype]]:
+        """``[L, n·n]`` float64 (U-)centred Grams, flattened; ``[L]`` traces before centring; product dtypes."""
         n = features[0].shape[0]
         grams = torch.empty(len(features), n, n, dtype=torch.float64, device=features[0].device)
+        dtypes = []
         for index, value in enumerate(features):
-            value = value.reshape(n, -1)
-            gram = centred_gram(value)
-            if not torch.isfinite(gram).all():
-                if not torch.isfinite(value).all():
-                    raise FloatingPointError(
-                        f"{role} layer {layers[index]!r} produced NaN or Inf in the batch starting at "
-                        f"sample {self.n_samples}"
-                    )
-                gram = centred_gram(value.to(torch.float64))
+            gram, dtype = self._layer_gram(value.reshape(n, -1), role, layers[index])
             grams[index] = gram
             if self.kernel == "rbf":
                 grams[index] = rbf_from_gram(grams[index], threshold=self.threshold, sigma=self.sigma)
-        return centre_gram(grams, unbiased=self.debiased, inplace=True).flatten(1)
+                dtype = torch.float64  # the kernel's entries are computed in float64
+            dtypes.append(dtype)
+        traces = grams.diagonal(dim1=1, dim2=2).sum(dim=1)
+        return centre_gram(grams, unbiased=self.debiased, inplace=True).flatten(1), traces, dtypes
 
     def update(self, teacher_features: Sequence[torch.Tensor], student_features: Sequence[torch.Tensor]) -> None:
         """Add one batch: a ``[n, ...]`` tensor per teacher layer and per student layer, same n."""
@@ -103,23 +149,39 @@ class CKAAccumulator:
         (n,) = counts
         if n < 4 and self.debiased:
             raise ValueError(f"a batch of {n} samples is too small: the unbiased HSIC needs at least 4")
-        teacher_grams = self._centred_grams(teacher_features, "teacher", self.teacher_layers)
-        student_grams = self._centred_grams(student_features, "student", self.student_layers)
+        teacher_grams, teacher_traces, teacher_dtypes = self._centred_grams(teacher_features, "teacher",
+                                                                            self.teacher_layers)
+        student_grams, student_traces, student_dtypes = self._centred_grams(student_features, "student",
+                                                                            self.student_layers)
         scale = hsic_scale(n, unbiased=self.debiased)
         # all L_teacher × L_student cross terms in one matrix product
         self.cross += (scale * teacher_grams @ student_grams.T).cpu()
-        self.teacher_self += (scale * teacher_grams.square().sum(dim=1)).cpu()
-        self.student_self += (scale * student_grams.square().sum(dim=1)).cpu()
+        for grams, traces, dtypes, sums, floors in (
+            (teacher_grams, teacher_traces, teacher_dtypes, self.teacher_self, self.teacher_floor),
+            (student_grams, student_traces, student_dtypes, self.student_self, self.student_floor),
+        ):
+            self_terms, traces = torch.stack([scale * grams.square().sum(dim=1), traces]).cpu()  # one transfer
+            sums += self_terms
+            floors += scale * torch.stack([zero_floor(t, d) for t, d in zip(traces, dtypes)])
         self.n_samples += n
         self.n_batches += 1
 
     def merge(self, other: CKAAccumulator) -> CKAAccumulator:
-        """Add another accumulator's sums into this one (same layers and settings); returns self."""
-        if other.cross.shape != self.cross.shape or (other.kernel, other.debiased) != (self.kernel, self.debiased):
-            raise ValueError("can only merge accumulators over the same layers, kernel and debiasing")
+        """Add another accumulator's sums into this one; returns self.
+
+        Both must have the same teacher and student layer names (in order), kernel, debiasing and — for
+        the RBF kernel — threshold and sigma; otherwise a ``ValueError`` names what differs.
+        """
+        mine, theirs = self.settings(), other.settings()
+        differ = [key for key in mine if mine[key] != theirs.get(key)]
+        if differ:
+            details = "; ".join(f"{key}: {mine[key]!r} here, {theirs.get(key)!r} in the other" for key in differ)
+            raise ValueError(f"can only merge accumulators over the same layers and kernel settings: {details}")
         self.cross += other.cross
         self.teacher_self += other.teacher_self
         self.student_self += other.student_self
+        self.teacher_floor += other.teacher_floor
+        self.student_floor += other.student_floor
         self.n_samples += other.n_samples
         self.n_batches += other.n_batches
         return self
@@ -128,24 +190,46 @@ class CKAAccumulator:
         """Sum the statistics over all ranks of an initialised ``torch.distributed`` process group."""
         import torch.distributed as dist
 
+        parts = [self.cross, self.teacher_self, self.student_self, self.teacher_floor, self.student_floor]
         counts = torch.tensor([self.n_samples, self.n_batches], dtype=torch.float64)
-        flat = torch.cat([self.cross.flatten(), self.teacher_self, self.student_self, counts])
+        flat = torch.cat([*(part.flatten() for part in parts), counts])
         if dist.get_backend(group) == "nccl":
             flat = flat.cuda()
         dist.all_reduce(flat, group=group)
         flat = flat.cpu()
-        n_cross, n_teacher = self.cross.numel(), self.teacher_self.numel()
-        self.cross = flat[:n_cross].reshape(self.cross.shape).clone()
-        self.teacher_self = flat[n_cross : n_cross + n_teacher].clone()
-        self.student_self = flat[n_cross + n_teacher : -2].clone()
+        start = 0
+        for part in parts:
+            part.copy_(flat[start : start + part.numel()].reshape(part.shape))
+            start += part.numel()
         self.n_samples, self.n_batches = (int(value) for value in flat[-2:].tolist())
 
+    def _dead(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.teacher_self <= self.teacher_floor, self.student_self <= self.student_floor
+
+    def dead_layers(self) -> tuple[list[str], list[str]]:
+        """``(teacher, student)`` names of the layers whose (U-)centred Gram is zero up to rounding so far."""
+        return tuple(
+            [name for name, dead in zip(names, flags.tolist()) if dead]
+            for names, flags in zip((self.teacher_layers, self.student_layers), self._dead())
+        )
+
     def values(self) -> np.ndarray:
-        """The ``[n_teacher, n_student]`` CKA matrix from the sums so far."""
+        """The ``[n_teacher, n_student]`` CKA matrix from the sums so far; NaN rows / columns for dead
+        layers, with one warning per dead layer naming it."""
         if self.n_batches == 0:
             raise ValueError("no batch has been added yet")
         norm = torch.sqrt(torch.outer(self.teacher_self, self.student_self))
-        return (self.cross / norm).numpy()
+        values = (self.cross / norm).numpy()
+        dead_teacher, dead_student = self._dead()
+        values[dead_teacher.numpy(), :] = np.nan
+        values[:, dead_student.numpy()] = np.nan
+        for role, names in zip(("teacher", "student"), self.dead_layers()):
+            for name in names:
+                warnings.warn(
+                    dead_layer_message(f"{role} layer {name!r} (over {self.n_samples:,} samples)", self.debiased),
+                    stacklevel=2,
+                )
+        return values
 
 
 def cka_matrix(
@@ -183,6 +267,8 @@ def cka_matrix(
         ((3, 3), 64)
     """
     check_kernel(kernel)
+    if kernel == "rbf":
+        check_rbf_settings(threshold, sigma)  # before any forward pass
     accumulator: CKAAccumulator | None = None
     batches = paired_batches(
         teacher, student, data, teacher_layers=teacher_layers, student_layers=student_layers,

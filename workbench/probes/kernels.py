@@ -4,20 +4,113 @@ Everything is plain differentiable torch, so the probes (float64 accumulators) a
 (float32 autograd) use the same code. Conventions follow Kornblith et al. (2019), "Similarity of
 Neural Network Representations Revisited" (https://arxiv.org/abs/1905.00414), and the unbiased HSIC
 of Song et al. (2012) in the U-centring form used by Nguyen, Raghu & Kornblith (2021).
+
+Range: the centred features are multiplied by a power of two before every product, so that their
+largest magnitude lies in [0.5, 1). That is exact in binary floating point (the digits are unchanged),
+so normal-range values are bit-identical to the plain products, while features around 1e-23 (float32)
+or 1e±160 (float64) neither underflow nor overflow. Dead layers: a (U-)centred Gram is taken as zero
+when its Frobenius norm is at most ``DEAD_TOLERANCE × eps × trace(K)`` (eps of the dtype the Gram was
+formed in; trace(K) = Σᵢ‖xᵢ − x̄‖² for the linear kernel, n for the RBF kernel); CKA is then undefined.
 """
 from __future__ import annotations
+
+import math
+import numbers
 
 import numpy as np
 import torch
 
 KERNELS = ("linear", "rbf")
+DEAD_TOLERANCE = 100.0
+"""Rounding allowance for a zero (U-)centred Gram, in units of ``eps × trace``: measured rounding of truly
+zero Grams (constant layers, one non-zero sample) stays below 1 unit; random features of width d lie near
+``1 / (eps·sqrt(d))`` units (≈ 3·10⁴ for float32 at d = 65,536), far above it."""
+_EXPONENT_BOUND = {torch.float64: 1000}  # |exponent| clamp that keeps 2**exponent a normal number
+_DEFAULT_BOUND = 100  # float32: 2**±100 is normal and maps every float32 magnitude into range
+
+
+def _power_of_two(exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``2**exponent`` (0-dim, on exponent's device), built from its bits so that it is exact everywhere."""
+    if dtype == torch.float64:
+        return ((exponent.to(torch.int64) + 1023) << 52).view(torch.float64)
+    return ((exponent.to(torch.int32) + 127) << 23).view(torch.float32)
+
+
+def binary_exponent(values: torch.Tensor) -> torch.Tensor:
+    """The 0-dim int32 exponent e with ``max |values| ∈ [2**(e-1), 2**e)`` (0 for all-zero values), clamped
+    to ±100 (float32) or ±1000 (float64) so that ``2**-e`` is a normal number of that dtype.
+
+    Example:
+        >>> import torch
+        >>> binary_exponent(torch.tensor([0.3, -5.0])).item()
+        3
+    """
+    bound = _EXPONENT_BOUND.get(values.dtype, _DEFAULT_BOUND)
+    return torch.frexp(values.detach().abs().amax()).exponent.clamp(-bound, bound)
+
+
+def unit_scaled(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values × 2**-e, e)`` with e from :func:`binary_exponent`: the largest magnitude moved into
+    [0.5, 1) exactly (a power of two changes no digit), computed on the values' device without a host sync.
+
+    Example:
+        >>> import torch
+        >>> scaled, exponent = unit_scaled(torch.tensor([3.0, -1.0], dtype=torch.float64) * 2.0**-120)
+        >>> scaled.tolist(), exponent.item()
+        ([0.75, -0.25], -118)
+    """
+    exponent = binary_exponent(values)
+    return values * _power_of_two(-exponent, values.dtype), exponent
+
+
+def centred_features(features: torch.Tensor) -> torch.Tensor:
+    """``[n, d]`` features with each column's mean removed.
+
+    Half precision is computed in float32. Integers and bools are centred exactly: shifted by their
+    column minimum in int64 (exact while a column spans less than 2**63), then centred in float64 —
+    a float32 cast first would round activations with large offsets (2**40) beyond repair.
+
+    Example:
+        >>> import torch
+        >>> centred_features(torch.tensor([[2**40 + 1], [2**40 + 3]]))
+        tensor([[-1.],
+                [ 1.]], dtype=torch.float64)
+    """
+    if not features.is_floating_point():
+        whole = features.to(torch.int64)
+        shifted = (whole - whole.amin(dim=0, keepdim=True)).to(torch.float64)
+        return shifted - shifted.mean(dim=0, keepdim=True)
+    if features.dtype in (torch.float16, torch.bfloat16):
+        features = features.float()
+    return features - features.mean(dim=0, keepdim=True)
+
+
+def scaled_centred_gram(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(G, e)``: the Gram of the centred ``[n, d]`` features times ``4**-e``, so ``X̃ X̃ᵀ = G · 4**e``.
+
+    The centred features are scaled into [0.5, 1) by :func:`unit_scaled` before the product, so G
+    neither under- nor overflows and equals the plain product's digits. The product runs in the
+    features' dtype (float32 for half precision and for integers, whose centring is exact in float64).
+
+    Example:
+        >>> import torch
+        >>> gram, exponent = scaled_centred_gram(torch.tensor([[1e-30], [3e-30]]))
+        >>> f"{gram[0, 0].item() * 4.0 ** exponent.item():.4g}"  # (1e-30)², beyond float32's range
+        '1e-60'
+    """
+    centred, exponent = unit_scaled(centred_features(features))
+    if not features.is_floating_point():
+        centred = centred.float()  # exact centring done; the product runs at float32 speed
+    return centred @ centred.T, exponent
 
 
 def centred_gram(features: torch.Tensor) -> torch.Tensor:
     """Linear Gram ``X Xᵀ`` of ``[n, d]`` features after centring each feature column.
 
     Centring first is what keeps float32 exact: a large common offset (deep ReLU layers) would
-    otherwise swamp the Gram entries. Half precision is computed in float32.
+    otherwise swamp the Gram entries. Half precision is computed in float32, integers exactly in float64
+    (see :func:`centred_features`). The Gram is in the features' own units, so it can under- or overflow
+    at extreme magnitudes: use :func:`scaled_centred_gram` where only ratios matter.
 
     Example:
         >>> import torch
@@ -26,10 +119,46 @@ def centred_gram(features: torch.Tensor) -> torch.Tensor:
         tensor([[ 2., -2.],
                 [-2.,  2.]])
     """
-    if features.dtype in (torch.float16, torch.bfloat16) or not features.is_floating_point():
-        features = features.float()
-    centred = features - features.mean(dim=0, keepdim=True)
+    centred = centred_features(features)
     return centred @ centred.T
+
+
+def normalised_gram(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(G, E)``: the centred Gram of features of any finite magnitude, ``X̃ X̃ᵀ = G · 4**E``.
+
+    Like :func:`scaled_centred_gram`, with the raw features also scaled by a power of two before they
+    are centred, so that a column mean of values near the dtype's maximum does not overflow. For the
+    scale-invariant uses (CKA); an RBF ``sigma`` in the features' units becomes ``sigma · 2**-E``.
+
+    Example:
+        >>> import torch
+        >>> gram, exponent = normalised_gram(torch.tensor([[1e300], [-1e300]], dtype=torch.float64))
+        >>> torch.isfinite(gram).all().item(), exponent.item()  # (±1e300)² is far beyond float64's range
+        (True, 997)
+    """
+    prescaled, pre_exponent = unit_scaled(features)
+    gram, exponent = scaled_centred_gram(prescaled)
+    return gram, pre_exponent + exponent
+
+
+def check_rbf_settings(threshold: object, sigma: object) -> None:
+    """Refuse an RBF ``threshold`` or ``sigma`` that is not a finite positive number (``sigma`` may be None).
+
+    Example:
+        >>> check_rbf_settings(0.5, None)
+        >>> check_rbf_settings(0.0, None)
+        Traceback (most recent call last):
+        ...
+        ValueError: threshold must be a finite positive number (σ = threshold × sqrt(median squared distance)), got 0.0
+    """
+    for name, value, note in (("threshold", threshold, " (σ = threshold × sqrt(median squared distance))"),
+                              ("sigma", sigma, " or None (σ from the median distance)")):
+        if name == "sigma" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+            math.isfinite(float(value)) and float(value) > 0
+        ):
+            raise ValueError(f"{name} must be a finite positive number{note}, got {value!r}")
 
 
 def rbf_from_gram(gram: torch.Tensor, threshold: float = 0.5, sigma: float | None = None) -> torch.Tensor:
@@ -37,6 +166,7 @@ def rbf_from_gram(gram: torch.Tensor, threshold: float = 0.5, sigma: float | Non
 
     σ follows Kornblith et al.: ``threshold × sqrt(median of all n² squared distances)`` (numpy's median,
     which averages the two middle values, the zero diagonal included); an explicit ``sigma`` overrides.
+    Both must be finite positive numbers (:func:`check_rbf_settings`).
 
     Example:
         >>> import torch
@@ -44,6 +174,7 @@ def rbf_from_gram(gram: torch.Tensor, threshold: float = 0.5, sigma: float | Non
         tensor([[1.0000, 0.3679],
                 [0.3679, 1.0000]])
     """
+    check_rbf_settings(threshold, sigma)
     diagonal = torch.diagonal(gram)
     squared_distances = (diagonal[:, None] + diagonal[None, :] - 2 * gram).clamp_min(0)
     if sigma is None:
@@ -52,8 +183,6 @@ def rbf_from_gram(gram: torch.Tensor, threshold: float = 0.5, sigma: float | Non
             raise ValueError("the RBF bandwidth is zero: more than half of the pairwise distances are 0")
         variance = threshold**2 * median
     else:
-        if not sigma > 0:
-            raise ValueError(f"sigma must be a positive number, got {sigma!r}")
         variance = sigma**2
     return torch.exp(-squared_distances / (2 * variance))
 
@@ -99,8 +228,48 @@ def hsic_scale(n: int, unbiased: bool) -> float:
     return 1.0 / (n * (n - 3)) if unbiased else 1.0 / (n - 1) ** 2
 
 
+def zero_floor(trace: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(DEAD_TOLERANCE · eps · trace)²``: a (U-)centred Gram whose squared norm is at most this is zero up
+    to rounding (eps of ``dtype``, the dtype the Gram was formed in).
+
+    Example:
+        >>> import torch
+        >>> zero_floor(torch.tensor(1.0, dtype=torch.float64), torch.float64).item() < 1e-25
+        True
+    """
+    return (DEAD_TOLERANCE * torch.finfo(dtype).eps * trace) ** 2
+
+
+def cka_parts(
+    gram_x: torch.Tensor, gram_y: torch.Tensor, debiased: bool = False, floor_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(CKA, x dead, y dead)`` of two ``[n, n]`` Grams: ``⟨K̃, L̃⟩ / (‖K̃‖ ‖L̃‖)``, K̃ (U-)centred.
+
+    A side whose centred Gram is zero up to rounding (:func:`zero_floor` of its trace, eps of
+    ``floor_dtype``, default the Gram's dtype) is dead: the CKA is NaN then, not rounding noise. The
+    flags are 0-dim bool tensors (no host sync here).
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(20, 5, dtype=torch.float64)
+        >>> value, x_dead, y_dead = cka_parts(centred_gram(x), centred_gram(torch.zeros(20, 5, dtype=torch.float64)))
+        >>> value.isnan().item(), x_dead.item(), y_dead.item()
+        (True, False, True)
+    """
+    centred_x = centre_gram(gram_x, unbiased=debiased)
+    centred_y = centre_gram(gram_y, unbiased=debiased)
+    norm_x, norm_y = centred_x.norm(), centred_y.norm()
+    dead = [
+        norm.square() <= zero_floor(gram.diagonal().sum(), floor_dtype or gram.dtype).to(norm.dtype)
+        for norm, gram in ((norm_x, gram_x), (norm_y, gram_y))
+    ]
+    value = (centred_x * centred_y).sum() / (norm_x * norm_y)
+    return torch.where(dead[0] | dead[1], torch.full_like(value, torch.nan), value), dead[0], dead[1]
+
+
 def cka_from_grams(gram_x: torch.Tensor, gram_y: torch.Tensor, debiased: bool = False) -> torch.Tensor:
-    """CKA of two ``[n, n]`` Grams: ``⟨K̃, L̃⟩ / (‖K̃‖ ‖L̃‖)`` with K̃ centred (or U-centred if debiased).
+    """CKA of two ``[n, n]`` Grams: ``⟨K̃, L̃⟩ / (‖K̃‖ ‖L̃‖)`` with K̃ centred (or U-centred if debiased);
+    NaN when a side's centred Gram is zero up to rounding (see :func:`cka_parts`).
 
     Example:
         >>> import torch
@@ -108,6 +277,21 @@ def cka_from_grams(gram_x: torch.Tensor, gram_y: torch.Tensor, debiased: bool = 
         >>> round(cka_from_grams(centred_gram(x), centred_gram(2 * x)).item(), 12)
         1.0
     """
-    centred_x = centre_gram(gram_x, unbiased=debiased)
-    centred_y = centre_gram(gram_y, unbiased=debiased)
-    return (centred_x * centred_y).sum() / (centred_x.norm() * centred_y.norm())
+    return cka_parts(gram_x, gram_y, debiased)[0]
+
+
+def dead_layer_message(subject: str, debiased: bool) -> str:
+    """The sentence every CKA uses when ``subject`` (a layer, or x / y) has a zero (U-)centred Gram.
+
+    Example:
+        >>> dead_layer_message("teacher layer 'fc'", debiased=False)[:60]
+        "teacher layer 'fc' has a centred Gram of zero (up to roundin"
+    """
+    which = "U-centred" if debiased else "centred"
+    alike = "every sample gives the same features, or all but one do" if debiased else (
+        "every sample gives the same features")
+    return (
+        f"{subject} has a {which} Gram of zero (up to rounding): {alike} — a dead or constant layer — so its "
+        "CKA is undefined (NaN). Choose another layer, or check that this one is alive (e.g. a ReLU that "
+        "outputs 0 for every input, a layer fed a constant input), or use more / more varied samples."
+    )

@@ -5,6 +5,7 @@ The values are computed in float64 from the values given.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -12,7 +13,9 @@ import torch
 
 from workbench.capture import flatten_per_sample
 from workbench.data.arrays import checked_tensor
-from workbench.probes.kernels import centred_gram, cka_from_grams, rbf_from_gram
+from workbench.probes.kernels import (
+    check_rbf_settings, cka_parts, dead_layer_message, normalised_gram, rbf_from_gram,
+)
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -43,17 +46,21 @@ def as_float64_pair(x: ArrayLike, y: ArrayLike, min_samples: int = 2) -> tuple[t
     return x64, y64.to(x64.device)
 
 
-def _cka(gram_x: torch.Tensor, gram_y: torch.Tensor, debiased: bool) -> float:
-    value = cka_from_grams(gram_x, gram_y, debiased=debiased).item()
-    if not np.isfinite(value):
-        warnings.warn("CKA is undefined (NaN) because one representation has no variance", stacklevel=3)
-    return value
+def _cka(gram_x: torch.Tensor, gram_y: torch.Tensor, debiased: bool, kernel: str) -> float:
+    """The CKA of two Grams as a float; NaN with a warning naming x and/or y when a side is dead."""
+    value, x_dead, y_dead = cka_parts(gram_x, gram_y, debiased=debiased)
+    for label, dead in (("x", x_dead), ("y", y_dead)):
+        if dead:
+            warnings.warn(f"{kernel} CKA: " + dead_layer_message(label, debiased), stacklevel=3)
+    return value.item()
 
 
 def linear_cka(x: ArrayLike, y: ArrayLike, debiased: bool = False) -> float:
     """Linear CKA (Kornblith et al. 2019): ``‖YᵀX‖²_F / (‖XᵀX‖_F ‖YᵀY‖_F)`` on centred features.
 
-    ``debiased=True`` uses the unbiased HSIC (Song et al. 2012) in place of the biased one.
+    ``debiased=True`` uses the unbiased HSIC (Song et al. 2012) in place of the biased one. Any finite
+    magnitude works (1e-160 or 1e160: the features are scaled by a power of two first, which changes no
+    digit). A dead side (centred Gram zero up to rounding) gives NaN with a warning naming x or y.
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -62,7 +69,7 @@ def linear_cka(x: ArrayLike, y: ArrayLike, debiased: bool = False) -> float:
         1.0
     """
     x64, y64 = as_float64_pair(x, y, min_samples=4 if debiased else 2)
-    return _cka(centred_gram(x64), centred_gram(y64), debiased)
+    return _cka(normalised_gram(x64)[0], normalised_gram(y64)[0], debiased, "linear")
 
 
 def rbf_cka(
@@ -70,16 +77,38 @@ def rbf_cka(
 ) -> float:
     """RBF-kernel CKA; σ = ``threshold`` × sqrt(median squared distance) per representation, or ``sigma``.
 
+    ``threshold`` and ``sigma`` must be finite positive numbers (0, NaN, ±Inf and negatives are refused).
+    Any finite magnitude of the features works; a dead side gives NaN with a warning, as in :func:`linear_cka`.
+
     Example:
         >>> rng = np.random.default_rng(0)
         >>> x = rng.normal(size=(50, 8))
         >>> round(rbf_cka(x, x), 10)
         1.0
     """
+    check_rbf_settings(threshold, sigma)
     x64, y64 = as_float64_pair(x, y, min_samples=4 if debiased else 2)
-    gram_x = rbf_from_gram(centred_gram(x64), threshold=threshold, sigma=sigma)
-    gram_y = rbf_from_gram(centred_gram(y64), threshold=threshold, sigma=sigma)
-    return _cka(gram_x, gram_y, debiased)
+    grams = []
+    for label, features in (("x", x64), ("y", y64)):
+        gram, exponent = normalised_gram(features)  # X̃X̃ᵀ = gram · 4**exponent, so σ scales by 2**-exponent
+        grams.append(rbf_from_gram(gram, threshold=threshold, sigma=_scaled_sigma(sigma, int(exponent), label)))
+    return _cka(grams[0], grams[1], debiased, "rbf")
+
+
+def _scaled_sigma(sigma: float | None, exponent: int, label: str) -> float | None:
+    """``sigma · 2**-exponent``: σ in the units of the normalised Gram; refused where float64 cannot hold it."""
+    if sigma is None:
+        return None
+    try:
+        scaled = math.ldexp(float(sigma), -exponent)
+    except OverflowError:
+        scaled = 0.0
+    if not 0 < scaled < math.inf:
+        raise ValueError(
+            f"sigma = {sigma!r} is out of all proportion to {label}'s scale (largest centred value about "
+            f"2**{exponent}): the ratio does not fit in float64; choose a sigma near the pairwise distances"
+        )
+    return scaled
 
 
 TIE_TOLERANCE = 1e-10  # cosine similarities closer than this count as tied (float64 rounding of a dot)

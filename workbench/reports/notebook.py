@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
+
 from workbench.reports.runner import REPORT_ENV
 
 def setup_notebook() -> bool:
@@ -75,6 +77,33 @@ def report_model(
     return models.load_weights(models.create_sized(name, IMAGE_SIZE, **kwargs), weights).eval()
 
 
+def _layers_paragraph(cka: Any, teacher: str, student: str) -> str:
+    """The **Layers.** paragraph: matches, layer order and weakest layer over the layers with a defined CKA;
+    dead layers (all-NaN rows / columns) are named and take no part in the conclusions."""
+    dead_teacher, dead_student = cka.dead_layers()
+    if np.isnan(cka.values).all():
+        return (f"**Layers.** No layer could be compared: CKA is undefined (NaN) for every pair of the "
+                f"{len(cka.teacher_layers)} teacher and {len(cka.student_layers)} student layers over "
+                f"{cka.n_samples:,} samples: all of one side's layers are dead (the same features for every "
+                "sample). Choose other layers.")
+    best = cka.best_matches().dropna(subset=["teacher_layer"])
+    pairs = ", ".join(f"`{r.student_layer}` → `{r.teacher_layer}` ({r.cka:.2f})" for r in best.itertuples())
+    order = [cka.teacher_layers.index(name) for name in best["teacher_layer"]]
+    weakest = best.loc[best["cka"].idxmin()]
+    text = (f"**Layers.** Each layer of the student (`{student}`) and the teacher (`{teacher}`) layer it resembles "
+            f"most, by CKA over {cka.n_samples:,} samples: {pairs}.")
+    if len(order) > 1:
+        text += f" The matches {'keep' if order == sorted(order) else 'do not keep'} the layer order."
+    text += (f" The student layer least like any teacher layer is `{weakest.student_layer}` (best CKA "
+             f"{weakest.cka:.2f}): the first candidate for a feature-distillation term.")
+    if dead_teacher or dead_student:
+        named = "; ".join(f"{role} {', '.join(f'`{name}`' for name in names)}"
+                          for role, names in (("teacher", dead_teacher), ("student", dead_student)) if names)
+        text += (f" Dead layers (the same features for every sample, so CKA is undefined and they are left out "
+                 f"of the matches and the layer order): {named}.")
+    return text
+
+
 def gap_summary(cka: Any, predictions: Any, teacher: str = "teacher", student: str = "student") -> str:
     """A short Markdown paragraph: best-matching layers, layer order, weakest layer, agreement, KL, accuracy.
 
@@ -86,16 +115,8 @@ def gap_summary(cka: Any, predictions: Any, teacher: str = "teacher", student: s
         >>> "87.5%" in gap_summary(cka, p)
         True
     """
-    best = cka.best_matches()
-    pairs = ", ".join(f"`{r.student_layer}` → `{r.teacher_layer}` ({r.cka:.2f})" for r in best.itertuples())
-    order = [cka.teacher_layers.index(name) for name in best["teacher_layer"]]
-    weakest = best.loc[best["cka"].idxmin()]
-    lines = [
-        f"**Layers.** Each layer of the student (`{student}`) and the teacher (`{teacher}`) layer it resembles "
-        f"most, by CKA over {cka.n_samples:,} samples: {pairs}. The matches "
-        f"{'keep' if order == sorted(order) else 'do not keep'} the layer order. The student layer least like "
-        f"any teacher layer is `{weakest.student_layer}` (best CKA {weakest.cka:.2f}): the first candidate "
-        "for a feature-distillation term.",
+    lines = [_layers_paragraph(cka, teacher, student)]
+    lines += [
         f"**Predictions.** The student agrees with the teacher's top-1 class on {predictions.agreement:.1%} of "
         f"{predictions.n_samples:,} samples; the mean KL(teacher ‖ student) at T = {predictions.temperature:g} "
         f"is {predictions.kl:.3f} nats.",
