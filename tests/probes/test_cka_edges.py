@@ -65,7 +65,7 @@ def test_pairwise_cka_is_scale_invariant_at_any_magnitude(pair, scale):
         assert rbf_cka(x * scale, y * scale, sigma=3 * scale) == pytest.approx(rbf_cka(x, y, sigma=3), abs=1e-12)
 
 
-@pytest.mark.parametrize("scale", [1e-22, 1e-23, 1e-30, 1e-40, 1e30])
+@pytest.mark.parametrize("scale", [1e-22, 1e-23, 1e-30, 1e-40, 1e30, 1e37])
 def test_float32_layers_of_any_magnitude_match_the_float64_formula(pair, scale):
     """cka_matrix's Grams are float32 products: 1e-23 underflowed to NaN, 1e-22 was off in the third digit."""
     x, y = (torch.from_numpy(a).float() for a in pair)
@@ -158,6 +158,16 @@ def test_an_almost_dead_layer_is_not_called_dead(pair):
         assert linear_cka(spiky, y, debiased=True) == pytest.approx(debiased_cka(spiky, y), abs=1e-9)
         values = accumulate([torch.from_numpy(spiky)], [torch.from_numpy(y)])
     assert values[0, 0] == pytest.approx(debiased_cka(spiky, y), abs=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_constant_float_layer_with_an_offset_is_dead_in_the_accumulator(dtype, pair):
+    """Centring 3.7e3 in float32 leaves rounding, not variance: NaN and a warning, not a plausible number."""
+    y = torch.from_numpy(pair[1])
+    for debiased in (True, False):
+        with pytest.warns(UserWarning, match=r"teacher layer '#0' \(over 60 samples\) has a (U-)?centred Gram"):
+            values = accumulate([torch.full((60, 7), 3.7e3, dtype=dtype)], [y], debiased=debiased)
+        assert np.isnan(values).all()
 
 
 class DeadHead(nn.Module):

@@ -12,6 +12,7 @@ accumulators merge by adding them (across batches, devices, or ranks with ``all_
 """
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from contextlib import closing
@@ -23,8 +24,8 @@ from torch import nn
 from workbench.capture import LayerSelector
 from workbench.probes.cka_result import CKAResult
 from workbench.probes.kernels import (
-    KERNELS, centre_gram, check_rbf_settings, dead_layer_message, hsic_scale, rbf_from_gram, scaled_centred_gram,
-    zero_floor,
+    KERNELS, centre_gram, centred_gram, check_rbf_settings, dead_layer_message, hsic_scale, rbf_from_gram,
+    scaled_centred_gram, zero_floor,
 )
 from workbench.probes.stream import paired_batches
 
@@ -40,16 +41,21 @@ def check_kernel(kernel: str) -> None:
 
 
 MAX_EXPONENT = 200
-"""Float64 features whose largest centred magnitude is beyond 2**±200 (≈ 1e±60) are refused: the HSIC sums
+"""Float64 features whose largest magnitude is beyond 2**±200 (≈ 1e±60) are refused: the HSIC sums
 (fourth powers of the features) would leave float64's range. Every float32 / half / integer layer fits."""
+SAFE_GRAM_RANGE = {torch.float32: (2.0**-60, math.inf), torch.float64: (2.0**-400, 2.0**400)}
+"""Largest diagonal entry of a Gram for which the plain product is trusted. Below 2**-60 a float32 layer's
+features are below about 2**-30 (1e-9), well above where float32 products lose digits to the subnormal
+range (below 2**-103), so the rescaled path takes over in time; float64: the HSIC sums' range."""
 
 
 class CKAAccumulator:
     """Sufficient statistics of the minibatch CKA between teacher and student layers (names, or counts).
 
-    Each batch's Gram is formed in the features' dtype (float32 stays float32, the fast path) from
-    centred features scaled by a power of two (exact: no digit changes), then summed in float64 in the
-    features' own units, so float32 activations of any magnitude (1e-23 or 1e30) are exact. Integer and
+    Each batch's Gram is formed in the features' dtype (float32 stays float32, the fast path) and summed
+    in float64 in the features' own units. Where the plain float32 product would under- or overflow
+    (activations around 1e-23, or near 1e38) the centred features are first scaled by a power of two
+    (exact: no digit changes), so float32 activations of any magnitude give the exact value. Integer and
     bool activations are centred exactly (int64 / float64) before a float32 product.
 
     A layer whose accumulated (U-)centred Gram is zero up to rounding (see
@@ -99,25 +105,41 @@ class CKAAccumulator:
     def _layer_gram(self, value: torch.Tensor, role: str, layer: str) -> tuple[torch.Tensor, torch.dtype]:
         """One layer's linear Gram in float64 (the features' units) and the dtype its product ran in.
 
-        One host read per layer (as before): the Gram's finiteness and, for float64 features, the range.
-        A non-finite feature always makes the Gram non-finite; a finite float32 one whose column mean
-        overflows is recomputed in float64.
+        Fast path: the plain product of the centred features in their dtype (integers: centred exactly,
+        multiplied in float32). One host read per layer, as before, checks that it is finite and that its
+        largest diagonal entry is inside :data:`SAFE_GRAM_RANGE`; otherwise (NaN/Inf features, a float32
+        mean that overflows, features so small that float32 products lose digits, a dead layer) the
+        careful path decides.
         """
+        if value.is_floating_point():
+            gram, exponent = centred_gram(value), None
+        else:
+            gram, exponent = scaled_centred_gram(value)
+        low, high = SAFE_GRAM_RANGE.get(gram.dtype, SAFE_GRAM_RANGE[torch.float32])
+        largest = gram.diagonal().amax()
+        if not bool(torch.isfinite(gram).all() & (largest >= low) & (largest <= high)):
+            gram, exponent = self._rescaled_gram(value, role, layer)
+        gram64 = gram.to(torch.float64)
+        if exponent is not None:
+            gram64 = gram64 * ((exponent.to(torch.int64) * 2 + 1023) << 52).view(torch.float64)  # 4**e, exact
+        return gram64, gram.dtype
+
+    def _rescaled_gram(self, value: torch.Tensor, role: str, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The careful path: NaN/Inf refused, else the Gram of features scaled by a power of two (exact)."""
+        if not torch.isfinite(value).all():
+            raise FloatingPointError(
+                f"{role} layer {layer!r} produced NaN or Inf in the batch starting at sample {self.n_samples}"
+            )
         gram, exponent = scaled_centred_gram(value)
-        if not bool(torch.isfinite(gram).all() & (exponent.abs() <= MAX_EXPONENT)):
-            if not torch.isfinite(value).all():
-                raise FloatingPointError(
-                    f"{role} layer {layer!r} produced NaN or Inf in the batch starting at sample {self.n_samples}"
-                )
-            if value.dtype == torch.float64 and abs(int(exponent)) > MAX_EXPONENT:
-                raise ValueError(
-                    f"{role} layer {layer!r} has float64 features of magnitude about 2**{int(exponent)} in the batch "
-                    f"starting at sample {self.n_samples}: beyond 2**±{MAX_EXPONENT}, the HSIC sums leave float64's "
-                    "range. CKA is scale-invariant: divide the layer's features by a constant (e.g. their max)"
-                )
+        if not torch.isfinite(gram).all():  # a float32 column mean that overflows
             gram, exponent = scaled_centred_gram(value.to(torch.float64))
-        unscale = (exponent.to(torch.int64) * 2 + 1023) << 52  # 4**exponent, exact, on the device
-        return gram.to(torch.float64) * unscale.view(torch.float64), gram.dtype
+        if gram.dtype == torch.float64 and abs(int(exponent)) > MAX_EXPONENT:
+            raise ValueError(
+                f"{role} layer {layer!r} has float64 features of magnitude about 2**{int(exponent)} in the batch "
+                f"starting at sample {self.n_samples}: beyond 2**±{MAX_EXPONENT}, the HSIC sums leave float64's "
+                "range. CKA is scale-invariant: divide the layer's features by a constant (e.g. their max)"
+            )
+        return gram, exponent
 
     def _centred_grams(
         self, features: Sequence[torch.Tensor], role: str, layers: list[str]

@@ -46,7 +46,8 @@ def binary_exponent(values: torch.Tensor) -> torch.Tensor:
         3
     """
     bound = _EXPONENT_BOUND.get(values.dtype, _DEFAULT_BOUND)
-    return torch.frexp(values.detach().abs().amax()).exponent.clamp(-bound, bound)
+    low, high = torch.aminmax(values.detach())  # one pass, no |values| copy
+    return torch.frexp(torch.maximum(high, -low)).exponent.clamp(-bound, bound)
 
 
 def unit_scaled(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,8 +89,9 @@ def centred_features(features: torch.Tensor) -> torch.Tensor:
 def scaled_centred_gram(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(G, e)``: the Gram of the centred ``[n, d]`` features times ``4**-e``, so ``X̃ X̃ᵀ = G · 4**e``.
 
-    The centred features are scaled into [0.5, 1) by :func:`unit_scaled` before the product, so G
-    neither under- nor overflows and equals the plain product's digits. The product runs in the
+    The centred features are scaled by the power of two that puts the raw features' largest magnitude in
+    [0.5, 1) before the product (so |scaled centred| < 2), so G neither under- nor overflows and has the
+    plain product's digits. The product runs in the
     features' dtype (float32 for half precision and for integers, whose centring is exact in float64).
 
     Example:
@@ -98,9 +100,17 @@ def scaled_centred_gram(features: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
         >>> f"{gram[0, 0].item() * 4.0 ** exponent.item():.4g}"  # (1e-30)², beyond float32's range
         '1e-60'
     """
-    centred, exponent = unit_scaled(centred_features(features))
     if not features.is_floating_point():
+        centred, exponent = unit_scaled(centred_features(features))
         centred = centred.float()  # exact centring done; the product runs at float32 speed
+        return centred @ centred.T, exponent
+    if features.dtype in (torch.float16, torch.bfloat16):
+        features = features.float()
+    # the exponent of the raw values bounds the centred ones (|x − x̄| ≤ 2 max|x|); (x − x̄)·2**-e in one
+    # fused pass has the same digits as the plain centring, so this costs one pass more than no scaling
+    exponent = binary_exponent(features)
+    scale = _power_of_two(-exponent, features.dtype)
+    centred = torch.addcmul(features.mean(dim=0, keepdim=True) * -scale, features, scale)
     return centred @ centred.T, exponent
 
 
