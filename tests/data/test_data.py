@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from workbench.data import as_loader, digits, inputs_of, num_samples, shapes, targets_of
+from workbench.data import as_loader, digits, num_samples, shapes
 
 
 def test_digits_splits_shapes_and_types():
@@ -109,16 +109,7 @@ def test_as_loader_errors():
         as_loader((torch.zeros(10, 2), torch.zeros(9)))
 
 
-def test_inputs_targets_and_num_samples():
-    x, y = torch.ones(2, 3), torch.tensor([1, 0])
-    assert inputs_of(x) is x and inputs_of((x, y)) is x and inputs_of([x, y]) is x
-    assert inputs_of({"pixel_values": x, "labels": y}) is x
-    assert inputs_of({"input_ids": y}) is y and inputs_of({"x": x}) is x
-    assert targets_of((x, y)) is y and targets_of({"labels": y}) is y and targets_of(x) is None
-    with pytest.raises(TypeError, match="pixel_values"):
-        inputs_of({"image": x})
-    with pytest.raises(TypeError):
-        inputs_of(3.0)
+def test_num_samples():  # what a batch holds (inputs_of, targets_of): tests/batches/test_batches.py
     assert num_samples(torch.zeros(5, 2)) == 5
     assert num_samples((torch.zeros(5, 2), torch.zeros(5))) == 5
     assert num_samples(digits("test")) == 450

@@ -1,7 +1,7 @@
-"""Turn whatever the user holds (tensors, arrays, datasets, loaders) into batches, and read batches back."""
+"""Turn whatever the user holds (tensors, arrays, datasets, loaders) into batches (read by workbench.batches)."""
 from __future__ import annotations
 
-from collections.abc import Mapping, Sized
+from collections.abc import Sized
 from typing import Any
 
 import numpy as np
@@ -10,10 +10,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from workbench.data.arrays import checked_tensor
 
-__all__ = ["as_loader", "inputs_of", "targets_of", "num_samples"]
+__all__ = ["as_loader", "num_samples"]
 
-INPUT_KEYS = ("pixel_values", "input_ids", "x")
-TARGET_KEYS = ("labels", "label", "y", "targets")
 _ACCEPTED = "a Tensor, a numpy array, a tuple/list (x, y) of tensors or arrays, a Dataset or a DataLoader"
 
 
@@ -76,54 +74,6 @@ def as_loader(data: Any, batch_size: int = 128, shuffle: bool = False, seed: int
         return DataLoader(dataset, batch_size=batch_size)
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
-
-
-def inputs_of(batch: Any) -> Any:
-    """The model input of a batch: the tensor itself, ``x`` of ``(x, y)``, or a dict's input entry.
-
-    For a dict (or Hugging Face ``BatchEncoding``) the first of ``pixel_values``, ``input_ids``, ``x``.
-
-    Example:
-        >>> import torch
-        >>> from workbench.data import inputs_of
-        >>> inputs_of((torch.ones(2, 3), torch.zeros(2))).shape
-        torch.Size([2, 3])
-        >>> inputs_of({"input_ids": torch.ones(2, 5)}).shape
-        torch.Size([2, 5])
-    """
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch:
-        return batch[0]
-    if isinstance(batch, Mapping):
-        for key in INPUT_KEYS:
-            if key in batch:
-                return batch[key]
-        raise TypeError(f"batch dict has no input entry: expected one of {INPUT_KEYS}, got keys {list(batch)}")
-    raise TypeError(
-        f"cannot find the model input in a batch of type {type(batch).__name__}: "
-        f"expected a Tensor, an (x, y) tuple/list or a dict with one of {INPUT_KEYS}"
-    )
-
-
-def targets_of(batch: Any) -> torch.Tensor | None:
-    """The labels of a batch: ``y`` of ``(x, y)``, a dict's ``labels``/``label``/``y``/``targets``, else None.
-
-    Example:
-        >>> import torch
-        >>> from workbench.data import targets_of
-        >>> targets_of((torch.ones(2, 3), torch.tensor([1, 0]))).tolist()
-        [1, 0]
-        >>> targets_of(torch.ones(2, 3)) is None
-        True
-    """
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[1]
-    if isinstance(batch, Mapping):
-        for key in TARGET_KEYS:
-            if key in batch:
-                return batch[key]
-    return None
 
 
 def num_samples(data: Any) -> int | None:

@@ -12,7 +12,7 @@ from torch import nn
 
 from workbench.models.tiny import BenchCNN, TinyCNN, TinyMLP, tiny_vit
 
-__all__ = ["create", "available"]
+__all__ = ["create", "available", "HEADS"]
 
 _BUILTINS: dict[str, Callable[..., nn.Module]] = {
     "cnn": TinyCNN,
@@ -32,7 +32,22 @@ _BERT_TINY = dict(
 )
 # bos/eos inside the tiny vocabulary (GPT-2's 50256 would not be).
 _GPT2_TINY = dict(n_embd=64, n_layer=2, n_head=2, vocab_size=1000, n_positions=128, bos_token_id=0, eos_token_id=0)
-_HF_TINY = {"bert_tiny": ("bert", _BERT_TINY), "gpt2_tiny": ("gpt2", _GPT2_TINY)}
+# name -> (model_type, config defaults, head); the head names a transformers Auto class (see HEADS)
+_HF_TINY = {
+    "bert_tiny": ("bert", _BERT_TINY, None),
+    "bert_tiny_cls": ("bert", _BERT_TINY, "sequence_classification"),
+    "bert_tiny_mlm": ("bert", _BERT_TINY, "masked_lm"),
+    "gpt2_tiny": ("gpt2", _GPT2_TINY, None),
+    "gpt2_tiny_lm": ("gpt2", _GPT2_TINY, "causal_lm"),
+}
+HEADS = {
+    None: "AutoModel",
+    "causal_lm": "AutoModelForCausalLM",
+    "masked_lm": "AutoModelForMaskedLM",
+    "sequence_classification": "AutoModelForSequenceClassification",
+    "token_classification": "AutoModelForTokenClassification",
+}
+"""Heads a transformers model can be built with: ``head=`` value -> the transformers Auto class."""
 _HF_PREFIX = "hf:"
 # Names of the module lists that hold the transformer layers in common transformers models.
 _LAYER_LIST_NAMES = ("layer", "layers", "h", "block", "blocks")
@@ -53,10 +68,18 @@ def create(name: str, **kwargs: Any) -> nn.Module:
     """Build a model by name, offline, with freshly initialised weights.
 
     ``name`` is a built-in (``"cnn"``, ``"cnn_small"``, ``"bench_cnn"``, ``"vit"``, ``"mlp"``), a tiny
-    transformers model (``"bert_tiny"``, ``"gpt2_tiny"``; kwargs override config fields),
-    ``"hf:<model_type>"`` (kwargs are config fields for ``AutoConfig.for_model``), or any timm model
-    name (kwargs such as ``in_chans``, ``num_classes``, ``img_size`` pass through to timm).
-    Every model returned has a timm-style ``feature_info`` list.
+    transformers model (kwargs override config fields), ``"hf:<model_type>"`` (kwargs are config fields
+    for ``AutoConfig.for_model``), or any timm model name (kwargs such as ``in_chans``, ``num_classes``,
+    ``img_size`` pass through to timm). Every model returned has a timm-style ``feature_info`` list.
+
+    Transformers models and their heads: ``"bert_tiny"`` / ``"gpt2_tiny"`` are headless base models
+    (``BertModel`` / ``GPT2Model``: hidden states, no logits — for feature probes and hints; logit
+    terms and prediction probes refuse them). Models with a head: ``"gpt2_tiny_lm"``
+    (``GPT2LMHeadModel``, next-token logits over the vocabulary), ``"bert_tiny_cls"``
+    (``BertForSequenceClassification``; ``num_labels=`` sets the classes, default 2), ``"bert_tiny_mlm"``
+    (``BertForMaskedLM``). Any transformers model takes ``head=`` (a key of :data:`HEADS`:
+    ``"causal_lm"``, ``"masked_lm"``, ``"sequence_classification"``, ``"token_classification"``), e.g.
+    ``create("hf:llama", head="causal_lm", ...)``; ``head=None`` keeps the base model.
 
     Raises ``ValueError`` for ``pretrained=True`` (nothing downloads; use ``load_weights``) and for
     unknown names (the message lists close names).
@@ -69,6 +92,8 @@ def create(name: str, **kwargs: Any) -> nn.Module:
         torch.Size([2, 10])
         >>> [d["module"] for d in model.feature_info]
         ['blocks.0', 'blocks.1']
+        >>> type(create("gpt2_tiny_lm")).__name__, type(create("bert_tiny", head="sequence_classification")).__name__
+        ('GPT2LMHeadModel', 'BertForSequenceClassification')
     """
     if not isinstance(name, str):
         raise TypeError(f"model name must be a str, got {type(name).__name__}")
@@ -87,10 +112,12 @@ def create(name: str, **kwargs: Any) -> nn.Module:
     if name in _BUILTINS:
         return _BUILTINS[name](**kwargs)
     if name in _HF_TINY:
-        model_type, defaults = _HF_TINY[name]
-        return _create_hf(model_type, {**defaults, **kwargs})
+        model_type, defaults, head = _HF_TINY[name]
+        head = kwargs.pop("head", head)
+        return _create_hf(model_type, {**defaults, **kwargs}, head)
     if name.startswith(_HF_PREFIX):
-        return _create_hf(name[len(_HF_PREFIX):], kwargs)
+        head = kwargs.pop("head", None)
+        return _create_hf(name[len(_HF_PREFIX):], kwargs, head)
     import timm
 
     if timm.is_model(name):
@@ -135,9 +162,12 @@ def _unknown_name_message(name: str) -> str:
     )
 
 
-def _create_hf(model_type: str, config_kwargs: dict[str, Any]) -> nn.Module:
-    from transformers import AutoConfig, AutoModel
+def _create_hf(model_type: str, config_kwargs: dict[str, Any], head: str | None = None) -> nn.Module:
+    import transformers
+    from transformers import AutoConfig
 
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}: choose one of {list(HEADS)} (None: the base model, no head)")
     config_kwargs = {"attn_implementation": "eager", **config_kwargs}
     try:
         config = AutoConfig.for_model(model_type, **config_kwargs)
@@ -145,7 +175,11 @@ def _create_hf(model_type: str, config_kwargs: dict[str, Any]) -> nn.Module:
         close = difflib.get_close_matches(model_type, _hf_model_types(), n=5, cutoff=0.5)
         hint = f" Close model types: {', '.join(close)}." if close else ""
         raise ValueError(f"unknown transformers model type {model_type!r} in 'hf:{model_type}'.{hint}") from error
-    model = AutoModel.from_config(config, attn_implementation=config_kwargs["attn_implementation"])
+    auto_class = getattr(transformers, HEADS[head])
+    try:
+        model = auto_class.from_config(config, attn_implementation=config_kwargs["attn_implementation"])
+    except ValueError as error:  # no such head for this model type
+        raise ValueError(f"transformers has no {head!r} head for model type {model_type!r}: {error}") from None
     model.feature_info = _hf_feature_info(model)
     return model
 

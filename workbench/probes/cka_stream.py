@@ -270,6 +270,7 @@ def cka_matrix(
     sigma: float | None = None,
     student_data: object = None,
     progress: bool = True,
+    tokens: str = "mean",
 ) -> CKAResult:
     """CKA between every selected teacher layer and every selected student layer, in one data pass.
 
@@ -277,6 +278,12 @@ def cka_matrix(
     names, globs or ``"stages"`` (see :func:`workbench.capture`). The RBF bandwidth is set per batch
     from that batch's median distance unless ``sigma`` is given. Under ``torch.distributed`` each rank
     passes its own shard and the sums are all-reduced, so every rank returns the global matrix.
+
+    Language models: a dict batch (``input_ids``, ``attention_mask``, …) reaches the models whole, and
+    padding is never a sample. Token features ``[n, t, d]`` enter by ``tokens``: ``"mean"`` (default)
+    takes each sequence's mean over its unpadded tokens (one sample per sequence; works across
+    tokenisers via ``student_data``); ``"tokens"`` makes every unpadded token a sample (``n_samples``
+    then counts tokens; both sides must hold the same token positions). See :mod:`workbench.probes.stream`.
 
     Example:
         >>> import torch
@@ -297,6 +304,7 @@ def cka_matrix(
         student_data=student_data, batch_size=batch_size, n_samples=n_samples,
         min_batch=4 if debiased else 2, device=device, progress=progress, description="CKA",
         check_finite=False,  # the accumulator checks each n×n Gram instead of every n×d feature
+        tokens=tokens,
     )
     with closing(batches):
         for batch in batches:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.probes.result_io import JsonResult, check_array, check_float, check_int
-from workbench.data import targets_of
+from workbench.batches import targets_of
 from workbench.plots import heatmap_figure, heatmap_plot
 from workbench.probes.stream import paired_batches
 
@@ -134,9 +134,16 @@ def compare_predictions(
     batches = paired_batches(
         teacher, student, data, teacher_layers=None, student_layers=None, student_data=student_data,
         batch_size=batch_size, n_samples=n_samples, device=device, progress=progress, description="predictions",
+        logits=True,  # a model without logits (a headless transformer) is refused, naming it
     )
     with closing(batches):
         for batch in batches:
+            if batch.teacher_output.dim() > 2 or batch.student_output.dim() > 2:
+                raise ValueError(
+                    f"compare_predictions compares one prediction per sample, but the models give logits of shape "
+                    f"{list(batch.teacher_output.shape)} / {list(batch.student_output.shape)} (per token?); "
+                    "compare token predictions with a Distiller's KD term, or pool to one prediction per sample"
+                )
             teacher_logits = batch.teacher_output.reshape(batch.n, -1).double()
             student_logits = batch.student_output.reshape(batch.n, -1).double()
             if teacher_logits.shape[1] != student_logits.shape[1]:

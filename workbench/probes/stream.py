@@ -3,6 +3,12 @@
 Every probe that compares the two models (CKA matrices, prediction agreement) reads through
 :func:`paired_batches`, so the loop, the device handling, the eval-mode switch and the input checks
 live in one place. The models are put in eval mode for the pass and given back their mode after.
+
+Batches are read by :mod:`workbench.batches`: a dict batch reaches the model whole (``attention_mask``
+and the rest as keyword arguments). Token features ``[n, t, d]`` of a batch with a token mask (a dict
+batch: its ``attention_mask``, all ones when absent) enter a probe by ``tokens``: ``"mean"`` (default)
+averages each sequence's unpadded positions, one sample per sequence; ``"tokens"`` makes every unpadded
+token a sample. Padding never counts. Other features (and every tensor batch) are flattened per sample.
 """
 from __future__ import annotations
 
@@ -14,14 +20,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from workbench.capture import Activations, LayerSelector, as_tensor, capture
-from workbench.data import as_loader, inputs_of, num_samples
+from workbench.batches import inputs_of, logits_of, n_samples_of, run_model, take, to_device, token_mask, token_rows
+from workbench.capture import Activations, LayerSelector, as_tensor, capture, flatten_per_sample
+from workbench.data import as_loader, num_samples
 from workbench.devices import resolve_device
+
+TOKEN_MODES = ("mean", "tokens")
 
 
 @dataclass
 class PairedBatch:
-    """What one batch produced: model outputs, per-layer flattened features, the raw batch."""
+    """What one batch produced: model outputs, per-layer flattened features, the raw batch.
+
+    ``n`` counts the batch's samples (sequences); in ``tokens="tokens"`` mode the features hold one row
+    per unpadded token instead.
+    """
 
     teacher_output: torch.Tensor
     student_output: torch.Tensor
@@ -45,11 +58,44 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
                 module.training = training
 
 
-def _features(activations: Activations, role: str) -> dict[str, torch.Tensor]:
+def _features(activations: Activations, role: str, mask: torch.Tensor | None, tokens: str) -> dict[str, torch.Tensor]:
     missing = [name for name in activations.layers if name not in activations]
     if missing:
         raise RuntimeError(f"{role} layers {missing} did not run in the forward pass; choose layers that do")
-    return activations.flat()
+    if mask is None:
+        return activations.flat()
+    return {name: _token_features(activations[name], mask, tokens, f"{role} layer {name!r}") for name in activations}
+
+
+def _token_features(value: torch.Tensor, mask: torch.Tensor, tokens: str, what: str) -> torch.Tensor:
+    """One layer's features of a token batch: masked mean per sequence, or one row per unpadded token."""
+    token_shaped = value.dim() >= 3 and value.shape[:2] == mask.shape
+    if tokens == "tokens":
+        if not token_shaped:
+            raise ValueError(
+                f"tokens='tokens' makes every unpadded token a sample, but {what} gives {list(value.shape)}, not "
+                f"[n, t, ...] over the batch's {list(mask.shape)} tokens; use tokens='mean' or per-token layers"
+            )
+        return flatten_per_sample(token_rows(value, mask))
+    if not token_shaped:
+        return flatten_per_sample(value)
+    weights = mask.to(value.device, torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else value.dtype)
+    counts = weights.sum(dim=1)
+    if not bool(counts.all()):
+        raise ValueError(f"a sequence in the batch has no unpadded token (its attention_mask is all 0): {what}")
+    weights = weights.reshape(*mask.shape, *[1] * (value.dim() - 2))
+    pooled = (value.to(weights.dtype) * weights).sum(dim=1) / counts.reshape(-1, *[1] * (value.dim() - 2))
+    return flatten_per_sample(pooled)
+
+
+def _same_positions(teacher_mask: torch.Tensor | None, student_mask: torch.Tensor | None) -> bool:
+    if teacher_mask is None or student_mask is None:
+        return teacher_mask is student_mask
+    return teacher_mask.shape == student_mask.shape and bool(torch.equal(teacher_mask, student_mask))
+
+
+def _output(model: nn.Module, output: object, logits: bool) -> torch.Tensor:
+    return logits_of(output, model) if logits else as_tensor(output)
 
 
 def _check_finite(features: dict[str, torch.Tensor], role: str, first_sample: int) -> None:
@@ -75,13 +121,19 @@ def paired_batches(
     progress: bool = True,
     description: str = "probing",
     check_finite: bool = True,
+    tokens: str = "mean",
+    logits: bool = False,
 ) -> Iterator[PairedBatch]:
     """Run ``data`` through both models without gradients, yielding a :class:`PairedBatch` per batch.
 
     ``student_data`` feeds the student other inputs for the same samples (e.g. another resolution or
     tokenizer); its sample count must equal ``data``'s. ``n_samples`` stops after that many samples.
     Layers ``None`` capture nothing (outputs only). ``check_finite`` raises on NaN/Inf features, naming
-    the layer (a consumer that checks cheaper derived values may turn it off). Every batch must hold at least ``min_batch`` samples (checked before the pass when the size is known).
+    the layer (a consumer that checks cheaper derived values may turn it off). Every batch must hold at
+    least ``min_batch`` samples (checked before the pass when the size is known). ``tokens`` says how
+    token features enter (``"mean"`` or ``"tokens"``, see the module docstring); ``"tokens"`` needs the
+    teacher's and the student's batches to hold the same token positions. ``logits=True`` yields the
+    models' logits as outputs and refuses outputs without any (a headless transformer), naming the model.
 
     Example:
         >>> import torch
@@ -93,6 +145,8 @@ def paired_batches(
         >>> [b.n for b in batches], batches[0].teacher_features["0"].shape
         ([5, 5], torch.Size([5, 8]))
     """
+    if tokens not in TOKEN_MODES:
+        raise ValueError(f"tokens must be one of {TOKEN_MODES}, got {tokens!r}")
     device = resolve_device(device)
     loader = as_loader(data, batch_size=batch_size)
     student_loader = None if student_data is None else as_loader(student_data, batch_size=batch_size)
@@ -134,21 +188,30 @@ def paired_batches(
                 if student_batch is None:
                     raise ValueError(f"the student's data ran out after {seen} samples; the teacher's holds more")
                 student_inputs = inputs_of(student_batch)
-            n = len(teacher_inputs)
+            n = n_samples_of(teacher_inputs)
             if n_samples is not None and seen + n > n_samples:
                 n = n_samples - seen
-                teacher_inputs, student_inputs = teacher_inputs[:n], student_inputs[:n]
-            if len(student_inputs) != n:
+                teacher_inputs, student_inputs = take(teacher_inputs, n), take(student_inputs, n)
+            if n_samples_of(student_inputs) != n:
                 raise ValueError(
-                    f"teacher and student batches differ at sample {seen}: {n} vs {len(student_inputs)} samples"
+                    f"teacher and student batches differ at sample {seen}: {n} vs {n_samples_of(student_inputs)} "
+                    "samples"
                 )
             if n < min_batch:
                 raise ValueError(f"a batch of {n} samples reached the probe; it needs at least {min_batch}")
+            teacher_inputs = to_device(teacher_inputs, device)
+            student_inputs = teacher_inputs if student_batches is None else to_device(student_inputs, device)
+            teacher_mask, student_mask = token_mask(teacher_inputs), token_mask(student_inputs)
+            if tokens == "tokens" and student_batches is not None and not _same_positions(teacher_mask, student_mask):
+                raise ValueError(
+                    f"tokens='tokens' pairs the teacher's and the student's token rows, but their batches at sample "
+                    f"{seen} hold different token positions (attention masks); use tokens='mean' for other tokenisers"
+                )
             with torch.no_grad():
-                teacher_output = as_tensor(teacher(teacher_inputs.to(device)))
-                student_output = as_tensor(student(student_inputs.to(device)))
-            teacher_features = _features(teacher_acts, "teacher")
-            student_features = _features(student_acts, "student")
+                teacher_output = _output(teacher, run_model(teacher, teacher_inputs), logits)
+                student_output = _output(student, run_model(student, student_inputs), logits)
+            teacher_features = _features(teacher_acts, "teacher", teacher_mask, tokens)
+            student_features = _features(student_acts, "student", student_mask, tokens)
             if check_finite:
                 _check_finite(teacher_features, "teacher", seen)
                 _check_finite(student_features, "student", seen)

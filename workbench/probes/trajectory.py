@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from workbench.data import as_loader, inputs_of
+from workbench.batches import inputs_of, n_samples_of
+from workbench.data import as_loader
 from workbench.probes.cka_result import CKAResult
 from workbench.probes.cka_stream import cka_matrix
 from workbench.train.callbacks import Callback, TrainState
@@ -86,7 +87,7 @@ class CKATrajectory(Callback):
         """This rank's share of the fixed probe batches, as a loader of ready batches."""
         batches = [inputs_of(batch) for batch in as_loader(self.probe_data, batch_size=self.batch_size)]
         rank, world = _rank_and_world()
-        smallest = min((len(batch) for batch in batches), default=0)
+        smallest = min((n_samples_of(batch) for batch in batches), default=0)
         if len(batches) < world:
             raise ValueError(
                 f"CKATrajectory: {len(batches)} probe batches cannot be shared by {world} ranks; "

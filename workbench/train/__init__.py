@@ -8,7 +8,7 @@ from workbench.train.cache import cache_dir, trained
 from workbench.train.callbacks import Callback, TrainState
 from workbench.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from workbench.train.distiller import Distiller
-from workbench.train.fit import History, accuracy, fit, logits_of
+from workbench.train.fit import History, accuracy, fit, logits_of  # logits_of: re-exported from workbench.batches
 
 __all__ = [
     "Callback",

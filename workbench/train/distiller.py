@@ -19,80 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from workbench.capture import as_tensor, capture, resolve_layers
-from workbench.data.loaders import inputs_of, targets_of
+from workbench.batches import (
+    cross_entropy, inputs_of, logits_of, prediction_targets, resolve_shift, run_model, targets_of, to_device,
+    token_mask, token_rows,
+)
+from workbench.capture import capture, resolve_layers
 
-__all__ = ["Distiller", "logits_of", "to_device", "cross_entropy"]
+__all__ = ["Distiller"]
 
 # History columns fit writes; a term may not take one of these names.
 RESERVED_NAMES = ("ce", "loss", "epoch", "step", "lr", "eval_accuracy")
 TermSpec = nn.Module | tuple[nn.Module, float]
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    """The logits of a model output: a tensor, a tuple's first element, or a ``ModelOutput.logits``.
-
-    Example:
-        >>> import torch
-        >>> from workbench.train import logits_of
-        >>> logits_of((torch.ones(2, 3), None)).shape
-        torch.Size([2, 3])
-    """
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
-
-
-def _model_logits(output: Any) -> torch.Tensor:
-    """``logits_of``, falling back to :func:`workbench.capture.as_tensor` (e.g. a dict output)."""
-    try:
-        return logits_of(output)
-    except TypeError:
-        return as_tensor(output)
-
-
-def to_device(value: Any, device: torch.device) -> Any:
-    """Move the tensors of a batch (a tensor, or tuples / lists / dicts of them) to ``device``.
-
-    Example:
-        >>> import torch
-        >>> x, y = to_device([torch.ones(2), torch.zeros(2)], torch.device("cpu"))
-        >>> x.device.type
-        'cpu'
-    """
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, Mapping):
-        return {key: to_device(item, device) for key, item in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(to_device(item, device) for item in value)
-    return value
-
-
-def run_model(model: nn.Module, inputs: Any) -> Any:
-    """``model(**inputs)`` for a dict batch (Hugging Face style), else ``model(inputs)``."""
-    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on ``[n, C]`` logits, or token logits ``[n, t, C]`` (targets -100 are skipped).
-
-    Example:
-        >>> import torch
-        >>> round(cross_entropy(torch.zeros(2, 4), torch.tensor([0, 3])).item(), 4)  # log 4
-        1.3863
-    """
-    if logits.dim() > 2:
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-    return F.cross_entropy(logits, targets)
 
 
 def check_weight(name: str, weight: Any) -> float:
@@ -127,6 +66,18 @@ class Distiller(nn.Module):
     value is still logged when batches carry labels). The teacher is frozen (``requires_grad=False``),
     put in eval mode (with a warning when it was training) and run under ``no_grad``.
 
+    Language models (batches read by :mod:`workbench.batches`): a dict batch reaches both models whole,
+    minus its labels (``attention_mask``, ``token_type_ids``, … included). Padding is not a sample: token
+    logits ``[n, t, V]`` and token features ``[n, t, d]`` keep only the unpadded positions (the
+    ``attention_mask``) before a term is called, so KD / reverse KL / JS and hints are means over
+    unpadded tokens; with token labels, logit terms get the labels aligned with each position's
+    prediction and skip positions whose label is -100. Cross-entropy on token logits skips padding and
+    -100 and is shifted by one position for causal LMs (position t predicts token t + 1, as Hugging Face's
+    loss): ``shift_labels=None`` detects a causal LM from the student's config
+    (:func:`workbench.batches.is_causal_lm`), ``True`` / ``False`` choose. KD needs no shift: both models
+    predict the next token at t. A model output without logits (a headless ``GPT2Model``) is refused by
+    logit terms and cross-entropy with a ``TypeError`` naming the model; feature terms still run.
+
     Projectors that terms create lazily are built from one batch by :meth:`build` (or ``example=``
     at construction); :func:`workbench.train.fit` calls it before it makes the optimizer, so the
     optimizer holds them. :meth:`trainable_parameters` refuses to answer before that.
@@ -159,6 +110,7 @@ class Distiller(nn.Module):
         layers: Mapping[str, tuple[str, str]] | None = None,
         ce_weight: float = 1.0,
         *,
+        shift_labels: bool | None = None,
         example: Any = None,
     ) -> None:
         super().__init__()
@@ -171,6 +123,7 @@ class Distiller(nn.Module):
         self.__dict__["_teacher"] = teacher  # not a submodule: out of parameters(), state_dict() and DDP
         self.freeze_teacher()
         self.ce_weight = check_weight("ce_weight", ce_weight)
+        self.shift_labels = resolve_shift(student, shift_labels)
         self.terms = nn.ModuleDict()
         self.weights: dict[str, float] = {}
         for name, spec in dict(terms).items():
@@ -310,10 +263,25 @@ class Distiller(nn.Module):
                 raise RuntimeError(f"{role} layers {missing} did not run in the forward pass; choose layers that do")
             return output, {name: activations[name] for name in layers}
 
+    def _logit_rows(
+        self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor | None, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Token logits ``[n, t, C]``: the unpadded positions as rows, labels aligned with their predictions."""
+        if student.dim() < 3:  # one prediction per sample (images, sequence classification)
+            return student, teacher, targets
+        if targets is not None and targets.dim() >= 2:
+            targets = prediction_targets(targets, mask, self.shift_labels)
+        if mask is None or student.shape[:2] != mask.shape:
+            return student, teacher, targets
+        if targets is not None and targets.shape == mask.shape:
+            targets = targets[mask]
+        return token_rows(student, mask), token_rows(teacher, mask), targets
+
     def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Same as :meth:`step` (so DDP can wrap the distiller)."""
         device = self._device()
         inputs = to_device(inputs_of(batch), device)
+        mask = token_mask(inputs)  # None for tensor and (x, y) batches: the vision path does nothing more
         targets = targets_of(batch)
         if targets is None and self.ce_weight != 0:
             raise ValueError(
@@ -331,22 +299,36 @@ class Distiller(nn.Module):
             with torch.no_grad():
                 teacher_output, teacher_features = self._run(self.teacher, "teacher", teacher_layers, inputs, False)
         student_output, student_features = self._run(self.student, "student", student_layers, inputs, True)
-        student_logits = _model_logits(student_output)
-        teacher_logits = None
-        if self.logit_terms():
-            teacher_logits = _model_logits(teacher_output)
-            self._check_class_counts(student_logits.shape[-1], teacher_logits.shape[-1])
         parts: dict[str, torch.Tensor] = {}
         total: torch.Tensor | None = None
-        if targets is not None:
-            parts["ce"] = cross_entropy(student_logits, targets)
+        logit_terms = self.logit_terms()
+        student_logits = teacher_logits = None
+        if logit_terms or self.ce_weight != 0 or targets is not None:
+            try:
+                student_logits = logits_of(student_output, self.student)
+            except TypeError:
+                if logit_terms or self.ce_weight != 0:
+                    raise
+                # a headless student distilled on features only: no logits, so no CE to log
+        if logit_terms:
+            teacher_logits = logits_of(teacher_output, self.teacher)
+            self._check_class_counts(student_logits.shape[-1], teacher_logits.shape[-1])
+        if targets is not None and student_logits is not None:
+            parts["ce"] = cross_entropy(student_logits, targets, mask=mask, shift=self.shift_labels)
             total = self.ce_weight * parts["ce"]  # kept in the graph at weight 0, so DDP sees every parameter
+        if logit_terms:
+            student_logits, teacher_logits, term_targets = self._logit_rows(
+                student_logits, teacher_logits, targets, mask
+            )
         for name, term in self.terms.items():
             if name in self.layers:
                 teacher_layer, student_layer = self.layers[name]
-                value = term(student_features[student_layer], teacher_features[teacher_layer], targets)
+                student_value, teacher_value = student_features[student_layer], teacher_features[teacher_layer]
+                if mask is not None:
+                    student_value, teacher_value = token_rows(student_value, mask), token_rows(teacher_value, mask)
+                value = term(student_value, teacher_value, targets)
             else:
-                value = term(student_logits, teacher_logits, targets)
+                value = term(student_logits, teacher_logits, term_targets)
             if not isinstance(value, torch.Tensor) or value.dim() != 0:
                 shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                 raise ValueError(f"term {name!r} must return a scalar tensor, got {shape}")

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset
 
-from workbench.data.loaders import as_loader, targets_of
+from workbench.batches import targets_of
+from workbench.data.loaders import as_loader
 from workbench.devices import resolve_device
 from workbench.train.distiller import Distiller
 

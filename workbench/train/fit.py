@@ -18,13 +18,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from workbench.data.loaders import as_loader, inputs_of, targets_of
+from workbench.batches import (
+    count_correct, cross_entropy, inputs_of, is_causal_lm, logits_of, run_model, targets_of, to_device, token_mask,
+)
+from workbench.data.loaders import as_loader
 from workbench.devices import resolve_device
 from workbench.train.callbacks import TrainState
 from workbench.train.checkpointer import Checkpointer
 from workbench.train.distributed import EpochBatches, setup_distributed, wrap_ddp
 from workbench.train.guard import FiniteGuard, checkpoint_note
-from workbench.train.distiller import Distiller, cross_entropy, logits_of, run_model, to_device
+from workbench.train.distiller import Distiller
 from workbench.train.precision import autocast_settings
 
 __all__ = ["fit", "accuracy", "logits_of", "History"]
@@ -47,11 +50,14 @@ class _Supervised(nn.Module):
             raise TypeError(
                 "fit needs labelled batches: (x, y) tuples or dicts with 'labels'; got a batch without targets"
             )
-        return cross_entropy(_forward(self.model, inputs_of(batch)), targets), {}
+        inputs = inputs_of(batch)
+        logits = _forward(self.model, inputs)
+        shift = logits.dim() > 2 and is_causal_lm(self.model)  # causal LMs: position t predicts token t + 1
+        return cross_entropy(logits, targets, mask=token_mask(inputs), shift=shift), {}
 
 
 def _forward(model: nn.Module, inputs: Any) -> torch.Tensor:
-    return logits_of(run_model(model, inputs))
+    return logits_of(run_model(model, inputs), model)
 
 
 def _rng_scope(device: torch.device) -> Any:
@@ -362,9 +368,11 @@ def accuracy(model: nn.Module, data: Any, batch_size: int = 256, device: str | t
             targets = targets_of(batch)
             if targets is None:
                 raise TypeError("accuracy needs labelled batches: (x, y) tuples or dicts with 'labels'")
-            logits = _forward(model, to_device(inputs_of(batch), device))
-            correct += int((logits.argmax(dim=-1) == targets.to(device)).sum())
-            seen += len(targets)
+            inputs = to_device(inputs_of(batch), device)
+            logits = _forward(model, inputs)
+            shift = logits.dim() > 2 and is_causal_lm(model)
+            counts = count_correct(logits, targets, mask=token_mask(inputs), shift=shift)
+            correct, seen = correct + counts[0], seen + counts[1]
     finally:
         model.train(was_training)
     if seen == 0:
