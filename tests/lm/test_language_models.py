@@ -6,6 +6,8 @@ picked by hand, and CKA from Song et al.'s unbiased HSIC on hand-picked token ro
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertModel, G
 
 from workbench import models
 from workbench.losses import KD, FitNet
-from workbench.similarity import cka_matrix, compare_predictions
+from workbench.similarity import CKATrajectory, cka_matrix, compare_predictions
 from workbench.train import Distiller, accuracy, fit
 
 VOCAB, LENGTH = 50, 8
@@ -288,3 +290,21 @@ def test_feature_terms_still_run_on_headless_models():
                           example=batch)
     total, parts = distiller.step(batch)
     assert torch.isfinite(total) and list(parts) == ["hint"]
+
+
+def test_cka_trajectory_measures_token_batches_with_their_mask():
+    teacher, student = gpt2(0), gpt2(1, 16)
+    batch = padded_batch(6, seed=3)
+    initial = copy.deepcopy(student)
+    trajectory = CKATrajectory(loader(batch), ["transformer.h.0"], ["transformer.h.0"], every=1, batch_size=6)
+    fit(Distiller(teacher, student, {"kd": KD()}, ce_weight=0), Samples(batch), epochs=1, batch_size=6,
+        callbacks=[trajectory], device="cpu", progress=False)
+    mask = batch["attention_mask"][..., None].float()
+
+    def pooled(model):
+        return (_hidden(model, batch, 0) * mask).sum(1) / mask.sum(1)
+
+    assert trajectory.steps == [0, 1]
+    assert trajectory.values[0, 0, 0] == pytest.approx(reference_cka(pooled(teacher), pooled(initial)), rel=1e-6)
+    with pytest.raises(ValueError, match="tokens must be"):
+        CKATrajectory(loader(batch), tokens="flat")

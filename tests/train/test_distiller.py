@@ -208,3 +208,13 @@ def test_docs_custom_term_example_runs():
     namespace: dict = {}
     exec(compile(match.group(1), str(DOCS), "exec"), namespace)
     assert math.isfinite(namespace["history"]["loss"].iloc[-1])
+
+
+def test_docs_language_model_example_runs():
+    """docs/distiller.md: a padded GPT-2 batch distils over its real tokens with Hugging Face's shifted CE."""
+    text = DOCS.read_text()
+    match = re.search(r"<!-- example: language-model -->\s*```python\n(.*?)```", text, re.S)
+    assert match, "the language-model example is missing from docs/distiller.md"
+    namespace: dict = {}
+    exec(compile(match.group(1), str(DOCS), "exec"), namespace)  # it asserts CE == model(**batch).loss
+    assert sorted(namespace["parts"]) == ["ce", "kd"]

@@ -17,6 +17,7 @@ from workbench.batches import inputs_of, n_samples_of
 from workbench.data import as_loader
 from workbench.probes.cka_result import CKAResult
 from workbench.probes.cka_stream import cka_matrix
+from workbench.probes.stream import TOKEN_MODES
 from workbench.train.callbacks import Callback, TrainState
 
 
@@ -37,7 +38,9 @@ class CKATrajectory(Callback):
     ``batch_size``, models in eval mode, then each module's train/eval flag restored). Under
     ``torchrun`` each rank measures every ``world_size``-th probe batch and the sums are all-reduced,
     so every rank records the same matrix as one process would. Pass ``teacher=`` when training a
-    plain model; with a Distiller its teacher is used.
+    plain model; with a Distiller its teacher is used. Token batches (dicts with ``input_ids`` /
+    ``attention_mask``) are measured with their masks; ``tokens`` is :func:`cka_matrix`'s (``"mean"``
+    per sequence, or ``"tokens"``: every unpadded token a sample).
 
     Results: ``.steps`` (list), ``.values`` ``[n_points, n_teacher_layers, n_student_layers]``,
     ``.to_frame()`` (long: step, teacher_layer, student_layer, cka), ``.result(i)`` (a ``CKAResult``),
@@ -69,12 +72,15 @@ class CKATrajectory(Callback):
         kernel: str = "linear",
         debiased: bool = True,
         batch_size: int = 128,
+        tokens: str = "mean",
     ) -> None:
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive number of steps, got {every!r}")
+        if tokens not in TOKEN_MODES:
+            raise ValueError(f"tokens must be one of {TOKEN_MODES}, got {tokens!r}")
         self.probe_data, self.every, self.teacher = probe_data, every, teacher
         self.teacher_layers, self.student_layers = teacher_layers, student_layers
-        self.kernel, self.debiased, self.batch_size = kernel, debiased, batch_size
+        self.kernel, self.debiased, self.batch_size, self.tokens = kernel, debiased, batch_size, tokens
         self.steps: list[int] = []
         self._values: list[np.ndarray] = []
         self.teacher_names: list[str] = []
@@ -107,7 +113,7 @@ class CKATrajectory(Callback):
             self._probe = self._probe_loader()
         result = cka_matrix(
             teacher, student, self._probe, self.teacher_layers, self.student_layers,
-            kernel=self.kernel, debiased=self.debiased, device=device, progress=False,
+            kernel=self.kernel, debiased=self.debiased, device=device, progress=False, tokens=self.tokens,
         )
         self.teacher_names, self.student_names = result.teacher_layers, result.student_layers
         self.n_samples = result.n_samples
