@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import BertConfig, BertForSequenceClassification, BertModel, GPT2Config, GPT2LMHeadModel, GPT2Model
 
 from workbench import models
-from workbench.losses import KD, FitNet
+from workbench.losses import KD, FitNet, JensenShannon, ReverseKL
 from workbench.similarity import CKATrajectory, cka_matrix, compare_predictions
 from workbench.train import Distiller, accuracy, fit
 
@@ -308,3 +308,16 @@ def test_cka_trajectory_measures_token_batches_with_their_mask():
     assert trajectory.values[0, 0, 0] == pytest.approx(reference_cka(pooled(teacher), pooled(initial)), rel=1e-6)
     with pytest.raises(ValueError, match="tokens must be"):
         CKATrajectory(loader(batch), tokens="flat")
+
+
+@pytest.mark.parametrize("term", [ReverseKL(T=2), JensenShannon(T=2)], ids=["reverse_kl", "js"])
+def test_other_token_divergences_see_only_unpadded_positions(term):
+    teacher, student = gpt2(0), gpt2(1, 16)
+    batch = padded_batch()
+    _, parts = Distiller(teacher, student, {"div": term}, ce_weight=0).step(batch)
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        s, t = student(**batch).logits[real], teacher(**batch).logits[real]  # [r, V]: the real tokens by hand
+        padded = term(student(**batch).logits, teacher(**batch).logits)  # what counting padding would give
+    assert float(parts["div"]) == pytest.approx(float(term(s, t)), rel=1e-5)
+    assert abs(float(parts["div"]) - float(padded)) > 1e-6

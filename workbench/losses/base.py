@@ -13,9 +13,8 @@ import numbers
 import torch
 from torch import nn
 
+from workbench.batches import IGNORE_INDEX  # targets equal to this (-100) are skipped, as in cross-entropy
 from workbench.losses.projectors import Projector, make_projector
-
-IGNORE_INDEX = -100  # targets equal to this are skipped (the Hugging Face / cross-entropy convention)
 
 
 class Term(nn.Module):
