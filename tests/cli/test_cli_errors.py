@@ -27,20 +27,6 @@ def write_notebook(path: Path, parameters: str, *cells: str) -> Path:
     return path
 
 
-@pytest.fixture
-def executor(monkeypatch):
-    """papermill and nbconvert replaced by recorders (no kernel)."""
-    calls = []
-
-    def fake_execute(notebook, output, parameters, *, progress=False):
-        calls.append(parameters)
-        nbformat.write(nbformat.v4.new_notebook(), str(output))
-
-    monkeypatch.setattr(runner, "execute_notebook", fake_execute)
-    monkeypatch.setattr(runner, "export_html", lambda notebook, html: html.write_text("<html></html>") and html)
-    return calls
-
-
 def files_under(folder: Path) -> list[Path]:
     return sorted(path for path in folder.rglob("*") if path.is_file())
 

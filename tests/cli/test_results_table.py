@@ -3,25 +3,11 @@ replaced only when asked (``--force``, ``-p overwrite_results=true`` or ``overwr
 before the run starts (training takes minutes) and again when the table is saved (atomically)."""
 from __future__ import annotations
 
-import nbformat
 import pandas as pd
 import pytest
 
 from workbench import cli, reports
-from workbench.reports import compare, runner
-
-
-@pytest.fixture
-def executor(monkeypatch):
-    calls = []
-
-    def fake_execute(notebook, output, parameters, *, progress=False):
-        calls.append(parameters)
-        nbformat.write(nbformat.v4.new_notebook(), str(output))
-
-    monkeypatch.setattr(runner, "execute_notebook", fake_execute)
-    monkeypatch.setattr(runner, "export_html", lambda notebook, html: html.write_text("<html></html>") and html)
-    return calls
+from workbench.reports import compare
 
 
 @pytest.fixture

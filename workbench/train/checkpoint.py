@@ -22,13 +22,11 @@ folder are never touched.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
