@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from workbench.losses import Term
+from workbench.train import Callback
 
 
 class SpikeAt(Term):
@@ -41,3 +42,14 @@ class NaNGradFrom(Term):
         if self.calls < self.at:
             return student.float().sum() * 0
         return (student.float() - student.float().detach()).sqrt().sum()
+
+
+class Interrupt(Callback):
+    """Raises ``KeyboardInterrupt`` at the end of step ``at_step`` (a Ctrl-C mid-run)."""
+
+    def __init__(self, at_step):
+        self.at_step = at_step
+
+    def on_step_end(self, state):
+        if state.step == self.at_step:
+            raise KeyboardInterrupt

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from spike_terms import NaNGradFrom
+from spike_terms import Interrupt, NaNGradFrom
 from workbench import models
 from workbench.data import digits
 from workbench.files import DiskFullError
@@ -47,15 +47,6 @@ class Steps(Callback):
 
     def on_step_end(self, state):
         self.steps.append(state.step)
-
-
-class Interrupt(Callback):
-    def __init__(self, at_step):
-        self.at_step = at_step
-
-    def on_step_end(self, state):
-        if state.step == self.at_step:
-            raise KeyboardInterrupt
 
 
 # -- one run per folder -----------------------------------------------------------------------------

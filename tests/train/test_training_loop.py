@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from spike_terms import SpikeAt
+from spike_terms import Interrupt, SpikeAt
 from workbench import models
 from workbench.data import digits
 from workbench.losses import KD, FitNet
@@ -67,15 +67,6 @@ def test_same_seed_same_history_other_seed_differs(data):
     pd.testing.assert_frame_equal(runs[0][0], runs[1][0])
     assert all(torch.equal(runs[0][1][key], runs[1][1][key]) for key in runs[0][1])
     assert not runs[0][0]["loss"].equals(runs[2][0]["loss"])
-
-
-class Interrupt(Callback):
-    def __init__(self, at_step):
-        self.at_step = at_step
-
-    def on_step_end(self, state):
-        if state.step == self.at_step:
-            raise KeyboardInterrupt
 
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(data, tmp_path):
