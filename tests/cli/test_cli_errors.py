@@ -14,6 +14,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from fake_runner import executor  # noqa: F401 (a fixture)
+
 from workbench import cli, reports
 from workbench.reports import runner
 

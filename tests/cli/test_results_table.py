@@ -6,6 +6,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from fake_runner import executor  # noqa: F401 (a fixture)
+
 from workbench import cli, reports
 from workbench.reports import compare
 

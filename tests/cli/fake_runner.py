@@ -1,4 +1,5 @@
-"""Fixtures of the CLI tests: a report runner whose papermill and nbconvert are replaced by recorders."""
+"""A pytest fixture for the CLI tests: a report runner whose papermill and nbconvert are replaced by recorders
+(a module, not a conftest.py: a second conftest.py clashes with tests/conftest.py under --doctest-modules)."""
 from __future__ import annotations
 
 import nbformat
