@@ -21,6 +21,10 @@ __all__ = ["Callback", "TrainState"]
 class TrainState:
     """The run as callbacks see it; set ``stop = True`` to end training after the current step.
 
+    ``request_stop(reason)`` ends it the same way and marks the run as interrupted (a stop button, a
+    budget): ``interrupted`` is then true and ``stop_reason`` says why; ``fit`` sets both itself on
+    Ctrl-C. ``on_train_end`` is called for an interrupted run too, so a callback can tell the two apart.
+
     ``model`` is what was passed to ``fit`` (a model or a Distiller, never the DDP wrapper);
     ``distiller`` is that Distiller or ``None``; ``student`` the model being trained; ``rows`` the
     history rows so far (dicts, one per step; ``history`` gives them as a DataFrame).
@@ -39,6 +43,18 @@ class TrainState:
     rank: int = 0
     world_size: int = 1
     stop: bool = False
+    interrupted: bool = False
+    stop_reason: str | None = None
+
+    def request_stop(self, reason: str = "stopped") -> None:
+        """End training after the current step, marked as interrupted for ``reason``.
+
+        Example:
+            >>> state = TrainState(None, None, None, None, torch.device("cpu"), epochs=3)
+            >>> state.request_stop("stop button"); state.stop, state.interrupted, state.stop_reason
+            (True, True, 'stop button')
+        """
+        self.stop, self.interrupted, self.stop_reason = True, True, reason
 
     @property
     def history(self) -> pd.DataFrame:
@@ -70,4 +86,5 @@ class Callback:
         """After each epoch's evaluation."""
 
     def on_train_end(self, state: TrainState) -> None:
-        """Once, when training finishes or is stopped (not on an exception)."""
+        """Once, when training finishes or is stopped, interrupted included (``state.interrupted``; not on
+        an exception)."""
