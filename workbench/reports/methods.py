@@ -1,0 +1,365 @@
+"""Distillation methods for the ``distill`` report, written as text: every loss term of
+:mod:`workbench.losses` by a short name, combined with ``+``, with settings, layers and weights.
+
+Syntax (spaces allowed between the parts)::
+
+    method  = "student" | term ("+" term)*
+    term    = name ["(" key=value ("," key=value)* ")"] ["@" layers] ["*" weight]
+    layers  = "stages" | "middle" | "last" | layer | teacher_layer ":" student_layer
+
+- ``student`` is the student trained alone on the labels; every other method keeps that cross-entropy
+  (weight 1) and adds its terms: ``CE + Σ weight · term``.
+- ``name``: ``kd``, ``dkd``, ``dist``, ``rkl`` (reverse KL), ``js`` (Jensen–Shannon), ``taid`` — logit
+  terms — and ``fitnet``, ``at`` (attention transfer), ``nd`` (norm and direction), ``cosine`` (cosine
+  hint), ``rkd``, ``sp`` (similarity preserving), ``pkt``, ``cka`` — feature terms (see :data:`TERMS`;
+  the class names, e.g. ``AttentionTransfer``, and a few aliases are accepted, in any case).
+- settings are the term's constructor keywords, values JSON numbers or ``true`` / ``false`` (a word
+  such as ``linear`` for TAID's ``schedule``): ``kd(T=2)``, ``dkd(beta=4)``, ``rkd(angle_weight=0)``.
+- layers (feature terms only; logit terms refuse them): ``stages`` is one term per matched pair of
+  stages (:func:`workbench.stage_names`; equal counts pair stage i with stage i, otherwise every stage
+  of the model with fewer is paired with the stage at the same relative depth of the other, so first
+  meets first and last meets last), ``middle`` / ``last`` the middle / last stage of each model, a
+  layer name used on both sides (``blocks.1``), or ``teacher_layer:student_layer`` (``layer2:blocks.1``).
+  Layer names are exact module names (:func:`workbench.layer_names`); ``*`` is the weight, not a glob.
+  A feature term written without ``@`` takes the report's ``feature_layers`` (``"auto"``: its own
+  placement in :data:`TERMS` — hints at the middle stage, attention transfer at every stage, relation,
+  CKA and ND terms at the last stage).
+- weight: a number ≥ 0 (default: the term's weight in :data:`TERMS`, e.g. 1000 for ``at``).
+
+Examples: ``"kd"``, ``"kd(T=2)"``, ``"kd+fitnet@blocks.1"``, ``"at@stages"``, ``"kd*0.5+rkd@last*2"``,
+``"fitnet@layer2:blocks.1"``. In a shell: ``-p 'methods=["student", "kd+fitnet@blocks.1", "at@stages"]'``.
+
+The names of :data:`METHODS` (``student``, ``kd``, ``dkd``, ``dist``, ``fitnet``, ``rkd``, ``cka``)
+mean what they meant before composites existed (the committed results tables used them).
+
+Example:
+    >>> from workbench.reports.methods import parse_method
+    >>> spec = parse_method("KD(T=2) + fitnet@blocks.1*0.5")
+    >>> str(spec), [term.name for term in spec.terms]
+    ('kd(T=2.0)+fitnet@blocks.1*0.5', ['kd', 'fitnet'])
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from workbench import losses
+
+__all__ = [
+    "TERMS", "TermKind", "TermSpec", "MethodSpec", "parse_method", "check_feature_layers", "LAYER_RULES",
+]
+
+LAYER_RULES = ("stages", "middle", "last")
+# keywords a method string may not set: modules and tensors are made here, TAID must update itself in fit
+HIDDEN_KEYWORDS = ("projector", "class_means", "auto_update", "teacher_detach")
+
+
+@dataclass(frozen=True)
+class TermKind:
+    """One loss term by name: its class, ``kind`` (``"logits"`` or ``"features"``), default ``weight`` and
+    ``settings`` (on top of the constructor's), ``placement`` (the layers it takes under
+    ``feature_layers="auto"``), the words for descriptions (``label``, ``shown`` settings, ``paper``)
+    and accepted ``aliases``."""
+
+    name: str
+    cls: type[nn.Module]
+    kind: str
+    label: str
+    paper: str
+    weight: float = 1.0
+    settings: dict[str, Any] = field(default_factory=dict)
+    placement: str = "last"
+    shown: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+
+    def keywords(self) -> dict[str, inspect.Parameter]:
+        """The constructor keywords a method string may set."""
+        parameters = inspect.signature(self.cls.__init__).parameters
+        return {key: p for key, p in parameters.items() if key != "self" and key not in HIDDEN_KEYWORDS}
+
+    def make(self, **settings: Any) -> nn.Module:
+        """A fresh term with this kind's default settings, updated by ``settings``."""
+        return self.cls(**{**self.settings, **settings})
+
+
+def pooled(features: torch.Tensor) -> torch.Tensor:
+    """Features as one vector per sample: maps ``[n, c, h, w]`` averaged over positions, tokens ``[n, t, d]``
+    over tokens, vectors ``[n, d]`` as they are.
+
+    Example:
+        >>> pooled(torch.ones(2, 3, 4, 4)).shape, pooled(torch.ones(2, 5, 3)).shape
+        (torch.Size([2, 3]), torch.Size([2, 3]))
+    """
+    if features.dim() == 4:
+        return features.mean(dim=(2, 3))
+    if features.dim() == 3:
+        return features.mean(dim=1)
+    if features.dim() == 2:
+        return features
+    raise ValueError(f"cannot pool features of shape {tuple(features.shape)} to embeddings [n, d]")
+
+
+class EmbeddingNormDirection(losses.NormDirection):
+    """:class:`~workbench.losses.NormDirection` on pooled features (see :func:`pooled`), so it can sit on a
+    stage: the output of a CNN's last stage averaged over positions is the embedding its head reads.
+
+    Example:
+        >>> teacher, targets = torch.tensor([[2.0, 0.0], [0.0, 1.0]])[:, :, None, None], torch.tensor([0, 1])
+        >>> EmbeddingNormDirection()(teacher.clone(), teacher, targets).item()
+        0.0
+    """
+
+    def forward(
+        self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return super().forward(pooled(student), pooled(teacher), targets)
+
+
+def _terms() -> dict[str, TermKind]:
+    kinds = [
+        TermKind("kd", losses.KD, "logits", "KD", "Hinton et al. 2015", shown=("T",), aliases=("kl", "hinton")),
+        TermKind("dkd", losses.DKD, "logits", "DKD", "Zhao et al. 2022", shown=("alpha", "beta", "T"),
+                 aliases=("decoupled",)),
+        TermKind("dist", losses.DIST, "logits", "DIST", "Huang et al. 2022", weight=2.0, shown=("beta", "gamma")),
+        TermKind("rkl", losses.ReverseKL, "logits", "reverse KL", "Gu et al. 2024", shown=("T",),
+                 aliases=("reverse_kl", "reverse-kl", "minillm")),
+        TermKind("js", losses.JensenShannon, "logits", "Jensen–Shannon", "Lin 1991; Agarwal et al. 2024",
+                 shown=("T",), aliases=("jsd", "jensen_shannon")),
+        TermKind("taid", losses.TAID, "logits", "TAID", "Shing et al. 2025", shown=("alpha_start", "alpha_end")),
+        TermKind("fitnet", losses.FitNet, "features", "FitNet hint (1×1-conv projector, MSE)", "Romero et al. 2015",
+                 placement="middle", aliases=("fitnets", "hint")),
+        TermKind("at", losses.AttentionTransfer, "features", "attention transfer", "Zagoruyko & Komodakis 2017",
+                 weight=1000.0, placement="stages", shown=("p",), aliases=("attention", "attention_transfer")),
+        TermKind("nd", EmbeddingNormDirection, "features", "ND loss (pooled embeddings, teacher class means)",
+                 "Wang et al. 2023", aliases=("norm_direction", "normdirection")),
+        TermKind("cosine", losses.CosineHint, "features", "cosine hint (projector)", "a generic hint",
+                 placement="middle", aliases=("cos", "cosine_hint")),
+        TermKind("rkd", losses.RKD, "features", "RKD distance and angle", "Park et al. 2019"),
+        TermKind("sp", losses.SimilarityPreserving, "features", "similarity-preserving", "Tung & Mori 2019",
+                 weight=3000.0, aliases=("similarity_preserving",)),
+        TermKind("pkt", losses.PKT, "features", "PKT", "Passalis & Tefas 2018", weight=30000.0,
+                 aliases=("probabilistic",)),
+        TermKind("cka", losses.CKALoss, "features", "CKALoss (1 − linear CKA)", "Kornblith et al. 2019",
+                 aliases=("ckaloss",)),
+    ]
+    return {kind.name: kind for kind in kinds}
+
+
+TERMS: dict[str, TermKind] = _terms()
+
+
+def _names() -> dict[str, str]:
+    """Every accepted spelling, lower case -> canonical term name."""
+    names = {}
+    for kind in TERMS.values():
+        for spelling in (kind.name, kind.cls.__name__, *kind.aliases):
+            names[spelling.lower()] = kind.name
+    names["normdirection"] = names["embeddingnormdirection"] = "nd"
+    return names
+
+
+NAMES = _names()
+
+
+@dataclass(frozen=True)
+class TermSpec:
+    """One term of a method as written: canonical ``name``, explicit ``settings`` (key, value pairs),
+    ``layers`` (``None``: the report's rule) and explicit ``weight`` (``None``: the default)."""
+
+    name: str
+    settings: tuple[tuple[str, Any], ...] = ()
+    layers: str | None = None
+    weight: float | None = None
+
+    @property
+    def kind(self) -> TermKind:
+        return TERMS[self.name]
+
+    def __str__(self) -> str:
+        text = self.name
+        if self.settings:
+            text += "(" + ", ".join(f"{key}={_value_text(value)}" for key, value in self.settings) + ")"
+        if self.layers is not None:
+            text += f"@{self.layers}"
+        if self.weight is not None:
+            text += f"*{self.weight!r}"
+        return text
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A parsed method: ``terms`` (empty for ``"student"``); ``str()`` gives the canonical spelling."""
+
+    terms: tuple[TermSpec, ...]
+
+    def __str__(self) -> str:
+        return "+".join(str(term) for term in self.terms) if self.terms else "student"
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value if isinstance(value, str) else repr(value)
+
+
+SYNTAX = ("a method is 'student' or term+term+…, a term name[(key=value, …)][@layers][*weight], "
+          "e.g. 'kd(T=2)*0.5+fitnet@blocks.1'")
+NUMBER = r"(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
+TERM = re.compile(rf"(?P<name>[A-Za-z_][A-Za-z0-9_\-]*)(?:\((?P<settings>[^()]*)\))?(?:@(?P<layers>[^*+()@]*))?"
+                  rf"(?:\*(?P<weight>{NUMBER}|[^+()@*]*))?")
+LAYER = re.compile(r"[A-Za-z0-9_.\-]+")
+WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+TYPE_WORDS = {float: "a number", int: "an integer", bool: "true or false", str: "a word"}
+
+
+def _closest(word: str, names: dict[str, str]) -> str:
+    """``"did you mean 'a' or 'b'? "`` for the spellings in ``names`` (spelling -> canonical) close to ``word``."""
+    close = difflib.get_close_matches(word.lower(), list(names), n=6, cutoff=0.5)
+    close = list(dict.fromkeys(names[spelling] for spelling in close))[:3]
+    return f"did you mean {' or '.join(repr(n) for n in close)}? " if close else ""
+
+
+def _term_name(word: str, text: str) -> str:
+    name = NAMES.get(word.lower())
+    if name is None:
+        raise ValueError(f"method {text!r}: unknown term {word!r}; {_closest(word, {**NAMES, 'student': 'student'})}"
+                         f"the terms are {list(TERMS)} (or 'student' alone)")
+    return name
+
+
+def _setting(kind: TermKind, key: str, raw: str, text: str) -> Any:
+    """``raw`` read as JSON (a number, true/false) or a bare word, and checked against ``key``'s default."""
+    keywords = kind.keywords()
+    if key not in keywords:
+        known = f"its settings are {list(keywords)}" if keywords else "it has no settings"
+        raise ValueError(f"method {text!r}: {kind.name} has no setting {key!r}; "
+                         f"{_closest(key, {k.lower(): k for k in keywords})}{known}")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        if not WORD.fullmatch(raw):
+            raise ValueError(f"method {text!r}: {kind.name}({key}=…) must be a number, true/false or a word, "
+                             f"got {raw!r}") from None
+        if raw.lower() in ("true", "false"):
+            raise ValueError(f"method {text!r}: write {kind.name}({key}={raw.lower()}) (JSON true/false), "
+                             f"not {raw!r}") from None
+        value = raw
+    default = keywords[key].default
+    expected = type(default) if default is not None else int  # TAID's total_steps: int | None
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ValueError(f"method {text!r}: {kind.name}({key}=…) must be {TYPE_WORDS[expected]} "
+                         f"(default {_value_text(default) if default is not None else 'none'}), got {raw!r}")
+    return value
+
+
+def _settings(kind: TermKind, body: str, text: str) -> tuple[tuple[str, Any], ...]:
+    settings: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in body.split(","))):
+        key, equals, raw = (part.strip() for part in item.partition("="))
+        if not equals or not key or not raw:
+            raise ValueError(f"method {text!r}: settings are key=value pairs, e.g. {kind.name}"
+                             f"({next(iter(kind.keywords()), 'T')}=2); got {item!r}")
+        if key in settings:
+            raise ValueError(f"method {text!r}: {kind.name} sets {key!r} twice")
+        settings[key] = _setting(kind, key, raw, text)
+    try:  # the term's own checks (T > 0, 0 ≤ α_start ≤ α_end ≤ 1, ...) before anything trains
+        kind.make(**settings)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"method {text!r}: {error}") from None
+    return tuple(settings.items())
+
+
+def _layers(kind: TermKind, layers: str, text: str) -> str:
+    if kind.kind == "logits":
+        raise ValueError(f"method {text!r}: {kind.name} compares logits and takes no layers; drop '@{layers}' "
+                         f"(feature terms take layers: {[k.name for k in TERMS.values() if k.kind == 'features']})")
+    return check_layer_rule(layers, f"method {text!r}: {kind.name}@")
+
+
+def check_layer_rule(rule: str, context: str = "layers ") -> str:
+    """``rule`` if it is ``stages``, ``middle``, ``last``, a layer name or ``teacher:student``; else a ``ValueError``.
+
+    Example:
+        >>> check_layer_rule("layer2:blocks.1")
+        'layer2:blocks.1'
+    """
+    parts = rule.split(":") if isinstance(rule, str) else []
+    if not 1 <= len(parts) <= 2 or not all(LAYER.fullmatch(part) for part in parts):
+        raise ValueError(f"{context}{rule!r} is not a layer rule: give {' / '.join(LAYER_RULES)}, a layer name "
+                         "such as 'blocks.1', or 'teacher_layer:student_layer' (letters, digits, _ . -)")
+    return rule
+
+
+def check_feature_layers(value: str) -> str:
+    """The report's ``feature_layers``: ``"auto"`` or a layer rule for feature terms written without ``@``.
+
+    Example:
+        >>> check_feature_layers("auto"), check_feature_layers("last")
+        ('auto', 'last')
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"feature_layers must be a string such as 'auto', 'last' or 'blocks.1', got {value!r}")
+    return value if value == "auto" else check_layer_rule(value, "feature_layers: ")
+
+
+def _weight(kind: TermKind, raw: str, text: str) -> float:
+    weight = float(raw) if re.fullmatch(NUMBER, raw) else math.nan
+    if not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"method {text!r}: the weight of {kind.name} must be a number ≥ 0 after '*', e.g. "
+                         f"{kind.name}*0.5; got {raw!r}")
+    return weight
+
+
+def _term(text: str, compact: str, position: int) -> tuple[TermSpec, int]:
+    """The term of ``compact`` (``text`` without spaces) starting at ``position``, and the position after it."""
+    match = TERM.match(compact, position)
+    if not match:
+        raise ValueError(f"method {text!r}: expected a term name at {compact[position:]!r}; {SYNTAX}")
+    if match["name"].lower() == "student":
+        raise ValueError(f"method {text!r}: 'student' is the student alone and stands by itself; every other "
+                         "method already keeps the cross-entropy on the labels (write e.g. 'kd', not 'student+kd')")
+    kind = TERMS[_term_name(match["name"], text)]
+    settings = () if match["settings"] is None else _settings(kind, match["settings"], text)
+    layers = None if match["layers"] is None else _layers(kind, match["layers"], text)
+    weight = None if match["weight"] is None else _weight(kind, match["weight"], text)
+    return TermSpec(kind.name, settings, layers, weight), match.end()
+
+
+def parse_method(text: str) -> MethodSpec:
+    """Read a method string (syntax in this module's docstring); ``ValueError`` saying what to write instead.
+
+    Example:
+        >>> [str(term) for term in parse_method("kd*0.5+rkd@last*2").terms]
+        ['kd*0.5', 'rkd@last*2.0']
+        >>> parse_method("fitnett")
+        Traceback (most recent call last):
+        ...
+        ValueError: method 'fitnett': unknown term 'fitnett'; did you mean 'fitnet'? the terms are ['kd', 'dkd', 'dist', 'rkl', 'js', 'taid', 'fitnet', 'at', 'nd', 'cosine', 'rkd', 'sp', 'pkt', 'cka'] (or 'student' alone)
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"a method must be a non-empty string such as 'kd' or 'kd+fitnet@blocks.1', got {text!r}")
+    if text.strip().lower() == "student":
+        return MethodSpec(())
+    if re.search(r"[\w.]\s+\w", text):
+        raise ValueError(f"method {text!r}: a space separates two names; join terms with '+', e.g. 'kd+fitnet'")
+    compact, terms, position = re.sub(r"\s+", "", text), [], 0
+    while True:
+        term, position = _term(text, compact, position)
+        terms.append(term)
+        if position == len(compact):
+            return MethodSpec(tuple(terms))
+        if compact[position] != "+":
+            rest = compact[position:]
+            hint = "'(' is not closed" if rest.startswith("(") and ")" not in rest else f"cannot read {rest!r}"
+            raise ValueError(f"method {text!r}: {hint} after {term.name}; {SYNTAX}")
+        position += 1
