@@ -5,11 +5,14 @@ config, never downloading; ``load_weights`` / ``save_weights`` move weights to a
 safetensors or ``torch.load(weights_only=True)``.
 """
 from workbench.models.factory import available, create, create_sized
+from workbench.models.stats import count_flops, count_parameters
 from workbench.models.tiny import BenchCNN, TinyCNN, TinyMLP, tiny_vit
 from workbench.models.weights import load_weights, read_state_dict, save_weights
 
 __all__ = [
     "available",
+    "count_flops",
+    "count_parameters",
     "create",
     "create_sized",
     "load_weights",
