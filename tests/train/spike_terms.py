@@ -44,12 +44,17 @@ class NaNGradFrom(Term):
         return (student.float() - student.float().detach()).sqrt().sum()
 
 
-class Interrupt(Callback):
-    """Raises ``KeyboardInterrupt`` at the end of step ``at_step`` (a Ctrl-C mid-run)."""
+class Crash(RuntimeError):
+    """What :class:`CrashAt` raises."""
+
+
+class CrashAt(Callback):
+    """Raises :class:`Crash` at the end of step ``at_step``: a run killed mid-way (a Ctrl-C no longer is one:
+    fit ends cleanly on it, see test_interrupt.py)."""
 
     def __init__(self, at_step):
         self.at_step = at_step
 
     def on_step_end(self, state):
         if state.step == self.at_step:
-            raise KeyboardInterrupt
+            raise Crash(f"simulated crash at step {state.step}")

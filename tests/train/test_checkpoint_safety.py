@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from spike_terms import Interrupt, NaNGradFrom
+from spike_terms import Crash, CrashAt, NaNGradFrom
 from workbench import models
 from workbench.data import digits
 from workbench.files import DiskFullError
@@ -183,9 +183,9 @@ def interrupted(train, tmp_path_factory):
     """An uninterrupted reference history, and the folder of the same run interrupted at step 10."""
     folder = tmp_path_factory.mktemp("interrupted")
     expected = fit(_distiller(), train, schedule="cosine", **SETTINGS)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Crash):
         fit(_distiller(), train, schedule="cosine", checkpoint_dir=folder, checkpoint_every=3,
-            callbacks=[Interrupt(at_step=10)], **SETTINGS)
+            callbacks=[CrashAt(at_step=10)], **SETTINGS)
     assert [p.name for p in list_checkpoints(folder)] == ["step-000006", "step-000009"]
     return expected, folder
 

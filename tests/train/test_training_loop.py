@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from spike_terms import Interrupt, SpikeAt
+from spike_terms import Crash, CrashAt, SpikeAt
 from workbench import models
 from workbench.data import digits
 from workbench.losses import KD, FitNet
@@ -77,9 +77,9 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(data, tmp_path):
     expected = fit(reference, train, test, callbacks=[reference_cka], **settings)
 
     interrupted = _distiller()
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Crash):
         fit(interrupted, train, test, checkpoint_dir=tmp_path, checkpoint_every=3,
-            callbacks=[CKATrajectory(probe, every=4, batch_size=32), Interrupt(at_step=11)], **settings)
+            callbacks=[CKATrajectory(probe, every=4, batch_size=32), CrashAt(at_step=11)], **settings)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000006", "step-000009"]  # the two newest kept
     state = json.loads((tmp_path / "step-000009" / "state.json").read_text())
     assert (state["step"], state["epoch"], state["batch_index"], len(state["history"])) == (9, 2, 1, 9)

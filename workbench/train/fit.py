@@ -25,9 +25,10 @@ from workbench.data.loaders import as_loader
 from workbench.devices import resolve_device
 from workbench.train.callbacks import TrainState
 from workbench.train.checkpointer import Checkpointer
-from workbench.train.distributed import EpochBatches, setup_distributed, wrap_ddp
+from workbench.train.distributed import EpochBatches, samples_in, setup_distributed, wrap_ddp
 from workbench.train.guard import FiniteGuard, checkpoint_note
 from workbench.train.distiller import Distiller
+from workbench.train.interrupt import StopOnInterrupt, mark_interrupted, stop_for
 from workbench.train.precision import autocast_settings
 
 __all__ = ["fit", "accuracy", "logits_of", "History"]
@@ -146,13 +147,27 @@ def _train_step(module: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any
             "Try a lower lr, or check the inputs and the terms named."
         )
     guard.verify_gradients(flags, state, values["loss"], last_checkpoint, forward)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+    try:
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+    except KeyboardInterrupt as interrupt:  # the update had begun: the step counts as done (see fit)
+        stop_for(interrupt, state)
     guard.after_step(state, logged.device)
     return values
+
+
+def _agree_to_stop(state: TrainState) -> bool:
+    """Whether to stop after this step; under DDP all ranks stop if one does (else the others would hang)."""
+    if state.world_size > 1:
+        flag = torch.tensor([2.0 if state.interrupted else float(state.stop)], device=state.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() == 2.0 and not state.interrupted:
+            state.request_stop("stopped on another rank")
+        state.stop = state.stop or flag.item() > 0
+    return state.stop
 
 
 @dataclass
@@ -173,36 +188,60 @@ class _Loop:
     bar: Any
     guard: FiniteGuard
 
-    def run_epoch(self, epoch: int, skip: int) -> tuple[int | None, bool]:
-        """Train on one epoch's batches from ``skip`` on; ``(last batch index, whether the epoch completed)``."""
+    def run_epoch(self, epoch: int, skip: int) -> tuple[int, bool]:
+        """Train on one epoch's batches from ``skip`` on; ``(next batch index, whether the epoch completed)``.
+
+        A ``KeyboardInterrupt`` in it (one that reached Python: fit's handler not installed) ends the run;
+        the unfinished step is discarded (a step counts once its row is in the history).
+        """
         state, per_epoch = self.state, self.batches.per_epoch
         self.objective.train()
-        state.epoch, index = epoch, None
-        for index, batch in self.batches.epoch(epoch, skip):
-            state.step, state.batch_index = state.step + 1, index
-            last_checkpoint = self.checkpoints.last if self.checkpoints.directory is not None else False
-            values = _train_step(self.module, self.optimizer, self.scaler, self.dtype, batch, state, self.seed,
-                                 last_checkpoint, self.guard)
-            state.rows.append({"epoch": epoch, "step": state.step, **values, "lr": self.optimizer.param_groups[0]["lr"]})
-            if self.scheduler is not None:
-                self.scheduler.step()
-            self.bar.update(1)
-            self.bar.set_postfix(epoch=epoch, loss=f"{values['loss']:.4f}", refresh=False)
-            if self.callbacks:  # they may read the weights: check the update first
-                self.guard.settle(last_checkpoint)
-            _call(self.callbacks, "on_step_end", state)
-            end_of_epoch = per_epoch is not None and index == per_epoch - 1
-            if self.checkpoints.due(state.step) and not end_of_epoch and not state.stop:
-                self.guard.settle(last_checkpoint)
-                self.checkpoints.save(state.step, epoch, index + 1, state.rows)
-            if state.stop:
-                break
+        state.epoch, rows_before = epoch, len(state.rows)
+        try:
+            for index, batch in self.batches.epoch(epoch, skip):
+                self.step(epoch, index, batch)
+                if _agree_to_stop(state):
+                    break
+        except KeyboardInterrupt as interrupt:
+            stop_for(interrupt, state)
+            state.step = len(state.rows)
+            self.optimizer.zero_grad(set_to_none=True)  # the discarded step's gradients
+        next_index = skip + len(state.rows) - rows_before
         last_checkpoint = self.checkpoints.last if self.checkpoints.directory is not None else False
         self.guard.settle(last_checkpoint)  # before evaluation, the epoch's checkpoint and the end
-        if index is None and skip == 0:
+        if next_index == 0 and not state.stop:
             raise ValueError(f"the training data gave no batches in epoch {epoch} (an empty iterable, or one that "
                              "can be read only once); fit needs at least one sample every epoch")
-        return index, not state.stop or (per_epoch is not None and index == per_epoch - 1)
+        return next_index, not state.stop or next_index == per_epoch
+
+    def step(self, epoch: int, index: int, batch: Any) -> None:
+        """One step: train, log, callbacks, a checkpoint when due. An error names the epoch, step and batch."""
+        state = self.state
+        state.step, state.batch_index = state.step + 1, index
+        last_checkpoint = self.checkpoints.last if self.checkpoints.directory is not None else False
+        try:
+            values = _train_step(self.module, self.optimizer, self.scaler, self.dtype, batch, state, self.seed,
+                                 last_checkpoint, self.guard)
+        except FloatingPointError:
+            raise  # its message names the step already
+        except Exception as error:
+            if hasattr(error, "add_note"):  # Python 3.11+
+                error.add_note(f"raised in fit at epoch {epoch}, step {state.step} (batch index {index} of the epoch, "
+                               f"from 0; a batch of {samples_in(batch)} samples)")
+            raise
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.scheduler is not None:
+            self.scheduler.step()
+        state.rows.append({"epoch": epoch, "step": state.step, **values, "lr": lr})
+        self.bar.update(1)
+        self.bar.set_postfix(epoch=epoch, loss=f"{values['loss']:.4f}", refresh=False)
+        if self.callbacks:  # they may read the weights: check the update first
+            self.guard.settle(last_checkpoint)
+        _call(self.callbacks, "on_step_end", state)
+        end_of_epoch = self.batches.per_epoch is not None and index == self.batches.per_epoch - 1
+        if self.checkpoints.due(state.step) and not end_of_epoch and not state.stop:
+            self.guard.settle(last_checkpoint)
+            self.checkpoints.save(state.step, epoch, index + 1, state.rows)
 
 
 def _check_arguments(eval: Any, eval_data: Any, epochs: int, schedule: str, checkpoint_dir: Any,
@@ -254,6 +293,7 @@ def fit(
     amp: str | bool | None = "auto",
     progress: bool = True,
     eval_data: Any = None,
+    last_batch: str = "merge",
 ) -> History:
     """Train a plain model (cross-entropy) or a :class:`Distiller`; return the history, one row per step.
 
@@ -302,7 +342,7 @@ def fit(
     callbacks = list(callbacks)
     with _rng_scope(device):
         torch.manual_seed(seed)
-        batches = EpochBatches(train, batch_size, seed, rank, world)
+        batches = EpochBatches(train, batch_size, seed, rank, world, last_batch)
         first = to_device(batches.first(), device) if distiller is not None else None
         if distiller is not None and distiller.unbuilt_terms():
             distiller.build(first)
@@ -312,7 +352,8 @@ def fit(
         dtype, scaler = autocast_settings(amp, device)
         checkpoints = Checkpointer(
             checkpoint_dir, checkpoint_every, distiller or model, {"optimizer": opt, "scheduler": sched, "scaler": scaler},
-            {"seed": seed, "batch_size": batch_size, "world_size": world, "amp": str(dtype)}, callbacks, rank, world,
+            {"seed": seed, "batch_size": batch_size, "last_batch": last_batch, "world_size": world,
+             "amp": str(dtype)}, callbacks, rank, world,
         )
         loaded = checkpoints.start(resume, overwrite, batches.per_epoch, epochs)  # before the first epoch
         module = wrap_ddp(objective, device, first) if world > 1 else objective
@@ -325,23 +366,33 @@ def fit(
                      tqdm(total=total, initial=state.step, disable=not progress, desc="fit", leave=False),
                      FiniteGuard(objective, distiller or model, opt, scaler))
         try:
-            _call(callbacks, "on_train_begin", state)
-            for epoch in range(start_epoch, epochs + 1):
-                index, completed = loop.run_epoch(epoch, skip if epoch == start_epoch else 0)
-                if eval is not None and index is not None:
-                    state.rows[-1]["eval_accuracy"] = accuracy(state.student, eval, max(batch_size, 256), device)
-                _call(callbacks, "on_epoch_end", state)
-                if checkpoint_dir is not None and (checkpoint_every is None or checkpoints.due(state.step)
-                                                   or epoch == epochs or state.stop):
-                    position = (epoch + 1, 0) if completed else (epoch, (index or 0) + 1)
-                    checkpoints.save(state.step, *position, state.rows)
-                if state.stop:
-                    break
-            _call(callbacks, "on_train_end", state)
+            with StopOnInterrupt(state):
+                _call(callbacks, "on_train_begin", state)
+                for epoch in range(start_epoch, epochs + 1):
+                    if state.stop:
+                        break
+                    first_index = skip if epoch == start_epoch else 0
+                    next_index, completed = loop.run_epoch(epoch, first_index)
+                    if eval is not None and next_index > first_index and (completed or not state.interrupted):
+                        _evaluate(state, eval, max(batch_size, 256))
+                    _call(callbacks, "on_epoch_end", state)
+                    if checkpoint_dir is not None and (checkpoint_every is None or checkpoints.due(state.step)
+                                                       or epoch == epochs or (state.stop and state.step > 0)):
+                        checkpoints.save(state.step, *((epoch + 1, 0) if completed else (epoch, next_index)),
+                                         state.rows)
+                _call(callbacks, "on_train_end", state)
         finally:
             loop.bar.close()
             objective.eval()
-    return _history(state.rows, eval is not None)
+    return mark_interrupted(_history(state.rows, eval is not None), state, announce=rank == 0)
+
+
+def _evaluate(state: TrainState, data: Any, batch_size: int) -> None:
+    """The epoch's eval accuracy on its last row; an interrupt here skips it and ends the run."""
+    try:
+        state.rows[-1]["eval_accuracy"] = accuracy(state.student, data, batch_size, state.device)
+    except KeyboardInterrupt as interrupt:
+        stop_for(interrupt, state)
 
 
 @torch.no_grad()
