@@ -13,12 +13,14 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from workbench import __version__, reports
+from workbench.reports import declarations
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 _TRUE, _FALSE, _NONE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}, {"none", "null"}
@@ -131,7 +133,7 @@ def _split_type(type_name: str) -> tuple[list[str], bool]:
     return [p.lower() for p in parts if p != "None"], nullable
 
 
-def _cast_one(raw: str, base: str) -> Any:
+def _cast_one(raw: str, base: str, example: str | None = None) -> Any:
     if base == "bool":
         if raw.lower() in _TRUE | _FALSE:
             return raw.lower() in _TRUE
@@ -149,7 +151,8 @@ def _cast_one(raw: str, base: str) -> Any:
         wanted = dict if base == "dict" else list
         value = _json_or_literal(raw)
         if not isinstance(value, wanted):
-            raise ValueError(f"write it as JSON, e.g. {_JSON_EXAMPLES[wanted]} (strings in double quotes)")
+            shown = shlex.quote(example) if example and example[:1] in "[{" else _JSON_EXAMPLES[wanted]
+            raise ValueError(f"write it as JSON, e.g. {shown} (strings in double quotes)")
         return value
     return raw  # str, and types we do not know: the text as given
 
@@ -166,11 +169,12 @@ def _json_or_literal(raw: str) -> Any:
         return None
 
 
-def cast_parameter(name: str, raw: str, type_name: str, default: Any) -> Any:
+def cast_parameter(name: str, raw: str, type_name: str, default: Any, example: str | None = None) -> Any:
     """Cast the command-line text ``raw`` to the parameter's type (annotation first, else the default's).
 
     ``"true"/"false"`` become bools, whole numbers ints, ``"none"`` None for optional parameters, and
-    lists/dicts are read as JSON. A value that does not fit raises :class:`ParameterError`.
+    lists/dicts are read as JSON. A value that does not fit raises :class:`ParameterError`, suggesting
+    ``example`` (JSON text of a good value of this parameter, from its declaration) for a list or dict.
 
     Example:
         >>> from workbench.cli import cast_parameter
@@ -192,7 +196,7 @@ def cast_parameter(name: str, raw: str, type_name: str, default: Any) -> Any:
     reasons = []
     for base in sorted(bases, key=lambda b: b == "str"):  # str accepts anything: try it last
         try:
-            value = _cast_one(raw, base)
+            value = _cast_one(raw, base, example)
         except ValueError as error:
             reasons.append(str(error))
             continue
@@ -205,7 +209,8 @@ def cast_parameter(name: str, raw: str, type_name: str, default: Any) -> Any:
 
 
 def validate_parameters(report: str, raw: dict[str, str]) -> dict[str, Any]:
-    """Check the names in ``raw`` (text from the command line) and cast each value to its parameter's type.
+    """Check the names in ``raw`` (text from the command line), cast each value to its parameter's type and
+    check it against the report's declaration (choices, ranges, ...; the model checks follow in ``run_report``).
 
     Example:
         >>> from workbench.cli import validate_parameters
@@ -213,12 +218,16 @@ def validate_parameters(report: str, raw: dict[str, str]) -> dict[str, Any]:
         {'n_samples': 64, 'debiased': False}
     """
     specs = reports.check_names(report, raw)
-    values = {name: cast_parameter(name, text, specs[name]["type"], specs[name]["default"]) for name, text in raw.items()}
-    return reports.check_parameters(values)
+    values = {name: cast_parameter(name, text, specs[name]["type"], specs[name]["default"],
+                                   declarations.example(report, name))
+              for name, text in raw.items()}
+    values = reports.check_parameters(values)
+    declarations.check_values(report, {**{key: spec["default"] for key, spec in specs.items()}, **values})
+    return values
 
 
 def format_parameters(name: str) -> str:
-    """One line per parameter of report ``name``: name, type, default and help.
+    """One line per parameter of report ``name``: name, type, default, allowed values and help.
 
     Example:
         >>> from workbench.cli import format_parameters
@@ -226,12 +235,14 @@ def format_parameters(name: str) -> str:
         True
     """
     specs = reports.report_parameters(name)
-    rows = [(key, spec["type"], repr(spec["default"]), spec["help"]) for key, spec in specs.items()]
-    headers = ("name", "type", "default")
+    rows = [(key, spec["type"], repr(spec["default"]), declarations.allowed(name, key), spec["help"])
+            for key, spec in specs.items()]
+    headers = ("name", "type", "default", "allowed")
     widths = [max([len(header)] + [len(row[i]) for row in rows]) for i, header in enumerate(headers)]
-    lines = [f"    {'name':<{widths[0]}}  {'type':<{widths[1]}}  {'default':<{widths[2]}}  help"]
-    lines += [f"    {k:<{widths[0]}}  {t:<{widths[1]}}  {d:<{widths[2]}}  {h}".rstrip() for k, t, d, h in rows]
-    return "\n".join(lines)
+    return "\n".join(
+        "    " + "  ".join(f"{cell:<{width}}" for cell, width in zip(row, widths)) + f"  {row[-1]}".rstrip()
+        for row in [(*headers, "help"), *rows]
+    )
 
 
 def format_report_list() -> str:

@@ -148,13 +148,13 @@ def test_valid_parameters_reach_the_executor_cast(executor, tmp_path, capsys):
     status = cli.main([
         "report", "gap", "-p", "n_samples=64", "-p", "debiased", "false", "-p", "teacher_weights=none",
         "-p", "teacher_layers", '["blocks.0", "blocks.2"]', "-p", "student_kwargs={\"widths\": [4, 8]}",
-        "-p", "student", "vit", "-o", str(tmp_path),
+        "-p", "student", "cnn", "-o", str(tmp_path),
     ])
-    assert status == cli.EXIT_OK
+    assert status == cli.EXIT_OK, capsys.readouterr().err
     (call,) = executor
     assert call["parameters"] == {
         "n_samples": 64, "debiased": False, "teacher_weights": None, "teacher_layers": ["blocks.0", "blocks.2"],
-        "student_kwargs": {"widths": [4, 8]}, "student": "vit",
+        "student_kwargs": {"widths": [4, 8]}, "student": "cnn",
     }
     assert call["notebook"] == reports.REPORTS["gap"].notebook
     run_dir = call["output"].parent

@@ -11,6 +11,7 @@ from workbench.reports.compare import (
     METHODS, Comparison, Method, cka_grid, command_line, method_distiller, models_summary, run_comparison,
     seeded_model, training_set,
 )
+from workbench.reports.declarations import DECLARATIONS, check_notebook, check_values
 from workbench.reports.notebook import evaluation_data, gap_summary, report_model, setup_notebook
 from workbench.reports.runner import (
     REPORTS,
@@ -33,7 +34,7 @@ from workbench.reports.values import check_parameters
 __all__ = [
     "REPORTS", "Report", "ReportRun", "ParameterError", "OutputError", "ReportFailed", "ReportInterrupted",
     "get_report", "report_parameters", "check_names", "check_outputs", "check_parameters", "run_report",
-    "execute_notebook", "export_html",
+    "execute_notebook", "export_html", "DECLARATIONS", "check_values", "check_notebook",
     "setup_notebook", "report_model", "evaluation_data", "gap_summary",
     "METHODS", "Method", "Comparison", "method_distiller", "run_comparison", "command_line", "seeded_model",
     "training_set", "models_summary", "cka_grid",

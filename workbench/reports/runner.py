@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from workbench.files import write_atomic
+from workbench.reports.declarations import check_values
 from workbench.reports.kernel import REPORT_ENV, execute_notebook
 from workbench.reports.values import ParameterError, check_parameters
 
@@ -276,8 +277,9 @@ def run_report(
 
     Before anything runs: every value must be JSON data (str, int, finite float, bool, None, lists and
     string-keyed dicts of them: :func:`~workbench.reports.values.check_value`), every name a parameter of
-    the notebook, and the output files usable (:func:`check_outputs`; ``overwrite=True`` lets the report
-    replace existing ones). Raises :class:`ParameterError` / :class:`OutputError` then, with nothing
+    the notebook, every value allowed by the report's declaration (:mod:`~workbench.reports.declarations`:
+    choices, ranges, model names, layers and model arguments checked on the built untrained models), and
+    the output files usable (:func:`check_outputs`; ``overwrite=True`` lets the report replace existing ones). Raises :class:`ParameterError` / :class:`OutputError` then, with nothing
     written; :class:`ReportFailed` (partial notebook kept) when a cell fails; :class:`ReportInterrupted`
     (kernel stopped) on ``KeyboardInterrupt``. ``log`` (e.g. ``print``) hears where the run goes.
 
@@ -293,6 +295,7 @@ def run_report(
     if overwrite and report.overwrite_parameter in specs:
         values[report.overwrite_parameter] = True
     check_outputs(report, values, overwrite=overwrite)
+    check_values(report, {**{key: spec["default"] for key, spec in specs.items()}, **values}, models=True)
     run_dir = _make_run_dir(output_dir, report, values)
     notebook, html = run_dir / "report.ipynb", run_dir / "report.html"
     if log is not None:
