@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import closing
 
 import numpy as np
@@ -271,6 +271,7 @@ def cka_matrix(
     student_data: object = None,
     progress: bool = True,
     tokens: str = "mean",
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> CKAResult:
     """CKA between every selected teacher layer and every selected student layer, in one data pass.
 
@@ -284,6 +285,10 @@ def cka_matrix(
     takes each sequence's mean over its unpadded tokens (one sample per sequence; works across
     tokenisers via ``student_data``); ``"tokens"`` makes every unpadded token a sample (``n_samples``
     then counts tokens; both sides must hold the same token positions). See :mod:`workbench.probes.stream`.
+
+    ``on_batch(batches_done, samples_done)`` is called after each batch is added (e.g. to drive a
+    progress bar); an exception it raises ends the pass there (the hooks are removed), which is how a
+    caller cancels between batches.
 
     Example:
         >>> import torch
@@ -314,6 +319,8 @@ def cka_matrix(
                     kernel=kernel, debiased=debiased, threshold=threshold, sigma=sigma,
                 )
             accumulator.update(list(batch.teacher_features.values()), list(batch.student_features.values()))
+            if on_batch is not None:
+                on_batch(accumulator.n_batches, accumulator.n_samples)
     if accumulator is None:
         raise ValueError("the data held no samples")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
