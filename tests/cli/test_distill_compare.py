@@ -37,14 +37,16 @@ def test_every_method_builds_a_distiller_on_the_stages(conv_pair):
         if name == "student":
             assert model is student
             continue
-        assert isinstance(model, Distiller) and list(model.terms) == [name]
+        assert isinstance(model, Distiller) and [column.split("@")[0] for column in model.terms] == [name] * len(
+            model.terms)
+        assert len(model.terms) == (3 if name == "at" else 1)  # at: one term per stage pair
         assert model.ce_weight == 1.0
     assert method_distiller("fitnet", teacher, student).layers == {"fitnet": ("blocks.1", "blocks.1")}
     assert method_distiller("cka", teacher, student).layers == {"cka": ("blocks.2", "blocks.2")}
     assert isinstance(method_distiller("kd", teacher, student, weight=0.5).terms["kd"], KD)
     assert method_distiller("kd", teacher, student, weight=0.5).weights == {"kd": 0.5}
     assert isinstance(method_distiller("fitnet", teacher, student).terms["fitnet"], FitNet)
-    with pytest.raises(ValueError, match="unknown method 'kdd'"):
+    with pytest.raises(ValueError, match="unknown term 'kdd'; did you mean 'kd'"):
         method_distiller("kdd", teacher, student)
 
 
@@ -110,7 +112,7 @@ def test_run_comparison_refuses_bad_method_and_seed_lists_before_training(conv_p
     data = (torch.zeros(8, 3, 16, 16), torch.zeros(8, dtype=torch.long))
     calls = []
     make = lambda seed: calls.append(seed) or student  # noqa: E731
-    for methods, seeds, message in [(["student", "kdd"], [0], "unknown methods \\['kdd'\\]"),
+    for methods, seeds, message in [(["student", "kdd"], [0], "methods: method 'kdd': unknown term 'kdd'"),
                                     (["student"], [], "at least one method and one seed"),
                                     (["student", "kd"], [0, 0], "must not repeat"),
                                     (["kd", "kd"], [0], "must not repeat")]:

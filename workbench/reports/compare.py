@@ -1,9 +1,10 @@
 """What the ``distill`` report calls in its kernel: distillation methods by name, the methods × seeds
 grid of training runs, and the results table (mean ± std over seeds) with the command that made it.
 
-A method name maps to :class:`~workbench.train.Distiller` terms and layers (``"student"`` is the student
-trained alone on the labels); feature terms are placed on the models' stages (see
-:func:`workbench.stage_names`). Everything here composes :func:`workbench.train.fit`,
+A method string maps to :class:`~workbench.train.Distiller` terms and layers (``"student"`` is the student
+trained alone on the labels; the syntax, the terms and their placement on the models' stages are in
+:mod:`workbench.reports.methods`, which holds ``METHODS`` and ``method_distiller``). Everything here
+composes :func:`workbench.train.fit`,
 :func:`workbench.train.accuracy` and :func:`workbench.similarity.cka_matrix`.
 """
 from __future__ import annotations
@@ -19,13 +20,14 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from workbench import losses
-from workbench.capture import stage_names
 from workbench.data import num_samples
 from workbench.files import write_atomic
 from workbench.probes.cka_result import CKAResult
 from workbench.probes.cka_stream import cka_matrix
-from workbench.train.distiller import Distiller
+from workbench.reports.methods import (  # METHODS, Method, _middle, method_distiller moved there; re-exported
+    METHODS, Method, MethodSpec, _middle, check_feature_layers, check_method_layers, describe_method,  # noqa: F401
+    method_distiller, parse_method,
+)
 from workbench.train.fit import accuracy, fit
 
 __all__ = [
@@ -33,65 +35,19 @@ __all__ = [
     "training_set", "models_summary", "cka_grid",
 ]
 
-TermsAndLayers = tuple[dict[str, tuple[nn.Module, float]], dict[str, tuple[str, str]]]
+def _parsed(method: str) -> MethodSpec:
+    try:
+        return parse_method(method)
+    except ValueError as error:
+        raise ValueError(f"methods: {error}") from None
 
 
-@dataclass(frozen=True)
-class Method:
-    """A distillation method: ``make(teacher_stages, student_stages, weight) -> (terms, layers)`` for a
-    :class:`Distiller` (``make=None``: the student alone), its default term weight and a description."""
+def _total_steps(train: Any, batch_size: int, epochs: int) -> int | None:
+    """The optimizer steps of a run (what TAID's schedule spans), as fit will batch ``train``."""
+    from workbench.train.distributed import EpochBatches
 
-    name: str
-    description: str
-    make: Callable[[list[str], list[str], float], TermsAndLayers] | None = None
-    weight: float = 1.0
-
-
-def _middle(stages: list[str]) -> str:
-    return stages[(len(stages) - 1) // 2]
-
-
-METHODS: dict[str, Method] = {
-    method.name: method
-    for method in (
-        Method("student", "the student alone: cross-entropy on the labels"),
-        Method("kd", "CE + KD(T=4) on the logits (Hinton et al. 2015)",
-               lambda t, s, w: ({"kd": (losses.KD(T=4.0), w)}, {})),
-        Method("dkd", "CE + DKD(α=1, β=8, T=4) on the logits (Zhao et al. 2022)",
-               lambda t, s, w: ({"dkd": (losses.DKD(alpha=1.0, beta=8.0, T=4.0), w)}, {})),
-        Method("dist", "CE + DIST(β=1, γ=1) on the logits (Huang et al. 2022)",
-               lambda t, s, w: ({"dist": (losses.DIST(), w)}, {}), 2.0),
-        Method("fitnet", "CE + FitNet hint (1×1-conv projector, MSE) between the middle stages (Romero et al. 2015)",
-               lambda t, s, w: ({"fitnet": (losses.FitNet(), w)}, {"fitnet": (_middle(t), _middle(s))})),
-        Method("rkd", "CE + RKD distance and angle between the last stages (Park et al. 2019)",
-               lambda t, s, w: ({"rkd": (losses.RKD(), w)}, {"rkd": (t[-1], s[-1])})),
-        Method("cka", "CE + CKALoss (1 − linear CKA) between the last stages",
-               lambda t, s, w: ({"cka": (losses.CKALoss(), w)}, {"cka": (t[-1], s[-1])})),
-    )
-}
-
-
-def method_distiller(name: str, teacher: nn.Module, student: nn.Module, weight: float | None = None) -> nn.Module:
-    """The thing to train for method ``name``: a :class:`Distiller`, or ``student`` itself for ``"student"``.
-
-    ``weight`` overrides the method's term weight (cross-entropy keeps weight 1).
-
-    Example:
-        >>> from workbench import models
-        >>> from workbench.reports.compare import method_distiller
-        >>> teacher, student = models.create("cnn").eval(), models.create("cnn_small")
-        >>> method_distiller("fitnet", teacher, student).layers
-        {'fitnet': ('blocks.1', 'blocks.1')}
-        >>> method_distiller("student", teacher, student) is student
-        True
-    """
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; the methods are {list(METHODS)}")
-    method = METHODS[name]
-    if method.make is None:
-        return student
-    terms, layers = method.make(stage_names(teacher), stage_names(student), method.weight if weight is None else weight)
-    return Distiller(teacher, student, terms, layers=layers)
+    per_epoch = EpochBatches(train, batch_size, 0, 0, 1).per_epoch
+    return None if per_epoch is None else epochs * per_epoch
 
 
 def _matched_cka(result: CKAResult) -> float:
@@ -108,6 +64,10 @@ class Comparison:
     data, ``matched_cka``: mean CKA of matched stages on the probe, ``seconds``), each run's ``histories``
     and final ``cka`` matrix, ``before`` (teacher vs the untrained student of the first seed) and the
     teacher's test ``teacher_accuracy``. ``table()`` gives mean ± std per method.
+
+    ``interrupted``: ``None`` for a complete comparison; else the run that was stopped (Ctrl-C, a stop
+    button): ``{"method", "seed", "epoch", "step", "reason"}``. Its partial history is in ``histories``
+    but not in ``runs``; :attr:`missing` lists the ``planned`` runs that did not finish.
     """
 
     runs: pd.DataFrame
@@ -116,21 +76,50 @@ class Comparison:
     before: CKAResult | None = None
     teacher_accuracy: float | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    interrupted: dict[str, Any] | None = None
+    planned: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def methods(self) -> list[str]:
         """The methods in the order they were run."""
         return list(dict.fromkeys(self.runs["method"]))
 
+    @property
+    def missing(self) -> list[tuple[str, int]]:
+        """The planned ``(method, seed)`` runs with no result (after an interruption)."""
+        done = set(zip(self.runs["method"], self.runs["seed"]))
+        return [run for run in self.planned if run not in done]
+
+    def missing_text(self) -> str:
+        """A Markdown sentence on an interrupted comparison: where it stopped and which runs are missing
+        (``""`` when complete).
+
+        Example:
+            >>> runs = pd.DataFrame({"method": ["student"], "seed": [0]})
+            >>> stop = {"method": "kd", "seed": 0, "epoch": 2, "step": 7, "reason": "KeyboardInterrupt"}
+            >>> Comparison(runs, interrupted=stop, planned=[("student", 0), ("kd", 0), ("kd", 1)]).missing_text()
+            '**Interrupted** (KeyboardInterrupt) in `kd` seed 0 at epoch 2, step 7: 2 of 3 runs missing (`kd` seed 0, `kd` seed 1); the table holds the finished runs only.'
+        """
+        missing = self.missing
+        if self.interrupted is None and not missing:
+            return ""
+        stop = self.interrupted or {}
+        where = f" in `{stop['method']}` seed {stop['seed']}" if "method" in stop else ""
+        at = f" at epoch {stop['epoch']}, step {stop['step']}" if "epoch" in stop and "step" in stop else ""
+        runs = ", ".join(f"`{method}` seed {seed}" for method, seed in missing)
+        return (f"**Interrupted** ({stop.get('reason', 'stopped')}){where}{at}: {len(missing)} of "
+                f"{len(self.planned)} runs missing ({runs}); the table holds the finished runs only.")
+
     def table(self) -> pd.DataFrame:
-        """Per method: seeds, test accuracy mean and std (%), Δ vs ``"student"`` (points), ``wins``: on how
-        many of the ``paired_seeds`` (seeds the student alone also ran with: same initial weights and batch
-        order) the method beat the student alone, and the matched-stage CKA mean."""
+        """Per method: seeds, test accuracy mean and sample std (%; NaN for a single seed: one run has no
+        spread), Δ vs ``"student"`` (points), ``wins``: on how many of the ``paired_seeds`` (seeds the
+        student alone also ran with: same initial weights and batch order) the method beat the student
+        alone, and the matched-stage CKA mean."""
         grouped = self.runs.groupby("method", sort=False)
         table = pd.DataFrame({
             "seeds": grouped["seed"].count(),
             "accuracy_mean": 100 * grouped["accuracy"].mean(),
-            "accuracy_std": 100 * grouped["accuracy"].std(ddof=1).fillna(0.0),
+            "accuracy_std": 100 * grouped["accuracy"].std(ddof=1),
             "matched_cka": grouped["matched_cka"].mean(),
             "minutes": grouped["seconds"].sum() / 60,
         })
@@ -143,20 +132,40 @@ class Comparison:
             table.insert(5, "paired_seeds", paired.groupby("method")["seed"].count())
         return table
 
-    def to_markdown(self) -> str:
-        """The table as Markdown: ``accuracy % (mean ± std)`` per method, the teacher's accuracy last."""
+    def to_markdown(self, flags: Sequence[Any] = ()) -> str:
+        """The table as Markdown: ``accuracy % (mean ± std)`` per method (``± n/a`` for one seed), the
+        teacher's accuracy last.
+
+        ``flags``: the report's sanity flags (:mod:`workbench.reports.sanity`). While any stands, a line
+        above the table says the methods must not be ranked by it, and each flagged row is marked
+        (*not converged*, *near chance*)."""
         table = self.table()
-        lines = ["| method | test accuracy % (mean ± std) | vs student (points) | beats student (paired seeds) "
-                 "| matched-stage CKA | seeds |", "|---|---|---|---|---|---|"]
+        marks: dict[str, list[str]] = {}
+        for flag in flags:
+            subject = flag.subject.split("`")[1] if flag.subject.count("`") == 2 else flag.subject
+            role = "teacher" if flag.subject.startswith("teacher") else subject
+            marks.setdefault(role, []).append({"still_rising": "not converged", "near_chance": "near chance"}.get(
+                flag.kind, "flagged"))
+        lines = []
+        if flags:
+            lines += ["**Not conclusive: the sanity checks flag problems** (rows marked *not converged* or *near "
+                      "chance*): do not rank the methods by these numbers.", ""]
+        lines += ["| method | test accuracy % (mean ± std) | vs student (points) | beats student (paired seeds) "
+                  "| matched-stage CKA | seeds |", "|---|---|---|---|---|---|"]
         for name, row in table.iterrows():
             compared = "vs_student" in table and name != "student"
             delta = f"{row['vs_student']:+.2f}" if compared else "—"
             wins = f"{int(row['wins'])}/{int(row['paired_seeds'])}" if compared else "—"
             cka = "—" if np.isnan(row["matched_cka"]) else f"{row['matched_cka']:.3f}"
-            lines.append(f"| {name} | {row['accuracy_mean']:.2f} ± {row['accuracy_std']:.2f} | {delta} | {wins} "
+            spread = "n/a" if np.isnan(row["accuracy_std"]) else f"{row['accuracy_std']:.2f}"
+            label = name + "".join(f" (*{mark}*)" for mark in dict.fromkeys(marks.get(name, [])))
+            lines.append(f"| {label} | {row['accuracy_mean']:.2f} ± {spread} | {delta} | {wins} "
                          f"| {cka} | {int(row['seeds'])} |")
         if self.teacher_accuracy is not None:
-            lines.append(f"| *teacher* | {100 * self.teacher_accuracy:.2f} | | | | |")
+            teacher = "*teacher*" + "".join(f" (*{mark}*)" for mark in dict.fromkeys(marks.get("teacher", [])))
+            lines.append(f"| {teacher} | {100 * self.teacher_accuracy:.2f} | | | | |")
+        if self.missing_text():
+            lines += ["", self.missing_text()]
         return "\n".join(lines)
 
     def curves(self) -> pd.DataFrame:
@@ -203,10 +212,12 @@ class Comparison:
                              yaxis_title="test accuracy %", legend_title="method")
         return figure
 
-    def save_markdown(self, path: str | Path, command: str = "", *, overwrite: bool = False) -> Path:
+    def save_markdown(self, path: str | Path, command: str = "", *, overwrite: bool = False,
+                      flags: Sequence[Any] = ()) -> Path:
         """Write the table, the settings and ``command`` (how to re-run it) to ``path`` (a ``.md`` file)
         atomically; returns the path. An existing file is replaced only with ``overwrite=True``
-        (``FileExistsError`` otherwise); another suffix is a ``ValueError``."""
+        (``FileExistsError`` otherwise); another suffix is a ``ValueError``. ``flags``: the sanity
+        flags, marked in the table as by :meth:`to_markdown`."""
         path = Path(path)
         if path.suffix != ".md":
             raise ValueError(f"the results table must be a Markdown file ending in .md, got {str(path)!r}")
@@ -217,12 +228,12 @@ class Comparison:
         text = ["# Distillation methods compared", ""]
         if command:
             text += [f"Made by `{command}` on {time.strftime('%Y-%m-%d')}.", ""]
-        text += [f"Settings: {settings}.", "", self.to_markdown(), "",
+        text += [f"Settings: {settings}.", "", self.to_markdown(flags), "",
                  "Test accuracy on the held-out split after the last epoch; mean ± sample std over seeds "
                  "(the seed sets the student's initial weights and the batch order). Matched-stage CKA: "
                  "mean debiased linear CKA of teacher stage i and student stage i on the probe images.", ""]
-        text += ["Methods:", ""] + [f"- `{name}`: {METHODS[name].description}" for name in self.methods
-                                    if name in METHODS]
+        feature_layers = self.settings.get("feature_layers", "auto")
+        text += ["Methods:", ""] + [f"- `{name}`: {describe_method(name, feature_layers)}" for name in self.methods]
         return write_atomic(path, "\n".join(text) + "\n")
 
 
@@ -253,6 +264,7 @@ def run_comparison(
     device: str = "auto",
     probe: Any = None,
     weights: dict[str, float] | None = None,
+    feature_layers: str = "auto",
     callbacks: Callable[[str, int], list[Any]] | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
@@ -262,8 +274,13 @@ def run_comparison(
     Every run uses :func:`fit` with AdamW at ``lr``, a cosine schedule, ``batch_size`` and ``seed``, with
     ``test`` as the evaluation data (so histories carry ``eval_accuracy`` per epoch). With ``probe``
     images, each trained student's stages are compared with the teacher's by ``cka_matrix`` (and
-    ``before``: the untrained student of the first seed). ``weights`` overrides term weights by method;
-    ``callbacks(method, seed)`` gives extra callbacks per run (e.g. a live ``TrainingMonitor``). A
+    ``before``: the untrained student of the first seed). ``methods`` are method strings
+    (:mod:`workbench.reports.methods`: ``"kd"``, ``"kd+fitnet@blocks.1"``, ``"at@stages"``, ...), parsed and
+    their layers checked on ``make_student(seeds[0])`` before anything trains; ``feature_layers`` places
+    feature terms written without ``@``; ``weights`` maps a method to the weight of its terms written
+    without ``*weight``. A run that comes back interrupted (Ctrl-C, a stop request) ends the comparison:
+    the finished runs are returned, with ``interrupted`` and ``missing`` set. ``callbacks(method, seed)``
+    gives extra callbacks per run (e.g. a live ``TrainingMonitor``). A
     ``Dataset`` whose last batch would hold fewer than 4 samples loses those samples (for every method
     alike), since batch terms such as CKALoss need several.
 
@@ -279,13 +296,15 @@ def run_comparison(
         >>> result.table()["seeds"].tolist(), len(result.runs)
         ([2, 2], 4)
     """
-    unknown = [name for name in methods if name not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; the methods are {list(METHODS)}")
+    specs = [_parsed(method) for method in methods]
     if not methods or not seeds:
         raise ValueError(f"need at least one method and one seed, got methods={list(methods)}, seeds={list(seeds)}")
-    if len(set(seeds)) != len(seeds) or len(set(methods)) != len(methods):
+    if len(set(seeds)) != len(seeds) or len(set(map(str, specs))) != len(methods):
         raise ValueError(f"methods and seeds must not repeat, got methods={list(methods)}, seeds={list(seeds)}")
+    feature_layers = check_feature_layers(feature_layers)
+    untrained = make_student(seeds[0])
+    for spec in specs:  # a layer that does not exist fails here, before anything trains
+        check_method_layers(spec, teacher, untrained, feature_layers)
     weights = dict(weights or {})
     train = _whole_batches(train, batch_size)
     rows, histories, results = [], {}, {}
@@ -295,16 +314,24 @@ def run_comparison(
         result.teacher_name, result.student_name = "teacher", label
         return result
 
-    before = measure(make_student(seeds[0]), "untrained student") if probe is not None else None
+    before = measure(untrained, "untrained student") if probe is not None else None
+    uses_taid = any(term.name == "taid" for spec in specs for term in spec.terms)
+    total_steps = _total_steps(train, batch_size, epochs) if uses_taid else None
+    interrupted = None
     for method in methods:
         for seed in seeds:
             student = make_student(seed)
-            model = method_distiller(method, teacher, student, weights.get(method))
+            model = method_distiller(method, teacher, student, weights.get(method), feature_layers, data=train,
+                                     total_steps=total_steps)
             started = time.perf_counter()
             history = fit(model, train, test, epochs=epochs, lr=lr, batch_size=batch_size, schedule="cosine",
                           seed=seed, device=device, progress=progress,
                           callbacks=callbacks(method, seed) if callbacks else ())
             seconds = time.perf_counter() - started
+            if history.attrs.get("interrupted"):  # Ctrl-C or a stop request: keep what ran, start nothing new
+                histories[(method, seed)] = history
+                interrupted = {"method": method, "seed": seed, **dict(history.attrs["interrupted"])}
+                break
             score = float(history["eval_accuracy"].dropna().iloc[-1])  # fit scored the last epoch on test
             histories[(method, seed)] = history
             matched = float("nan")
@@ -314,9 +341,13 @@ def run_comparison(
             rows.append({"method": method, "seed": seed, "accuracy": score, "matched_cka": matched, "seconds": seconds})
             if log is not None:
                 log(f"{method} seed {seed}: test accuracy {score:.2%} in {seconds:.1f} s")
+        if interrupted is not None:
+            break
     settings = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seeds": list(seeds), "weights": weights,
-                "train_samples": num_samples(train)}
-    return Comparison(pd.DataFrame(rows), histories, results, before, accuracy(teacher, test, device=device), settings)
+                "feature_layers": feature_layers, "train_samples": num_samples(train)}
+    runs = pd.DataFrame(rows, columns=["method", "seed", "accuracy", "matched_cka", "seconds"])
+    return Comparison(runs, histories, results, before, accuracy(teacher, test, device=device), settings,
+                      interrupted=interrupted, planned=[(method, seed) for method in methods for seed in seeds])
 
 
 def command_line(report: str, values: dict[str, Any], defaults: dict[str, Any]) -> str:
@@ -379,19 +410,27 @@ def training_set(dataset: str = "digits", n_train: int = 0) -> Any:
 
 
 def models_summary(teacher: nn.Module, student: nn.Module, train: Any, test: Any) -> str:
-    """One Markdown line: both models' parameter counts and the numbers of training and test samples.
+    """One Markdown line: both models' parameter counts and forward FLOPs per sample (of ``test``'s first
+    sample, :func:`workbench.models.count_flops`) and the numbers of training and test samples.
 
     Example:
+        >>> import torch
         >>> from torch import nn
-        >>> models_summary(nn.Linear(4, 2), nn.Linear(2, 2), range(10), range(5))
-        '**Teacher** Linear, 10 parameters; **student** Linear, 6 parameters (60% of the teacher). 10 training and 5 test samples.'
+        >>> test = (torch.zeros(5, 4), torch.zeros(5, dtype=torch.long))
+        >>> models_summary(nn.Linear(4, 2), nn.Linear(4, 1), range(10), test)
+        '**Teacher** Linear, 10 parameters, 16 FLOPs per sample; **student** Linear, 5 parameters (50% of the teacher), 8 FLOPs per sample (50%). 10 training and 5 test samples.'
     """
     from workbench.data import num_samples
+    from workbench.layer_table import first_sample
+    from workbench.models.stats import count_flops, count_parameters
 
-    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
-    share = count(student) / max(count(teacher), 1)
-    return (f"**Teacher** {type(teacher).__name__}, {count(teacher):,} parameters; **student** "
-            f"{type(student).__name__}, {count(student):,} parameters ({share:.0%} of the teacher). "
+    example = first_sample(test)
+    (teacher_parameters, student_parameters) = (count_parameters(teacher), count_parameters(student))
+    teacher_flops, student_flops = count_flops(teacher, example), count_flops(student, example)
+    share = student_parameters / max(teacher_parameters, 1)
+    return (f"**Teacher** {type(teacher).__name__}, {teacher_parameters:,} parameters, {teacher_flops:,} FLOPs per "
+            f"sample; **student** {type(student).__name__}, {student_parameters:,} parameters ({share:.0%} of the "
+            f"teacher), {student_flops:,} FLOPs per sample ({student_flops / max(teacher_flops, 1):.0%}). "
             f"{num_samples(train):,} training and {num_samples(test):,} test samples.")
 
 

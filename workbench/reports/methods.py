@@ -45,6 +45,7 @@ import inspect
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,9 +53,13 @@ import torch
 from torch import nn
 
 from workbench import losses
+from workbench.capture import capture, resolve_layers, stage_names
+from workbench.train.distiller import Distiller
 
 __all__ = [
-    "TERMS", "TermKind", "TermSpec", "MethodSpec", "parse_method", "check_feature_layers", "LAYER_RULES",
+    "TERMS", "METHODS", "LAYER_RULES", "TermKind", "TermSpec", "MethodSpec", "Method", "PlannedTerm", "parse_method",
+    "check_feature_layers", "check_layer_rule", "plan_method", "check_method_layers", "stage_pairs",
+    "method_distiller", "describe_method", "describe_term", "teacher_class_means", "pooled", "EmbeddingNormDirection",
 ]
 
 LAYER_RULES = ("stages", "middle", "last")
@@ -217,6 +222,8 @@ TERM = re.compile(rf"(?P<name>[A-Za-z_][A-Za-z0-9_\-]*)(?:\((?P<settings>[^()]*)
                   rf"(?:\*(?P<weight>{NUMBER}|[^+()@*]*))?")
 LAYER = re.compile(r"[A-Za-z0-9_.\-]+")
 WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# what the run supplies (method_distiller's total_steps=), stood in for when a method string is checked
+RUN_SETTINGS = {"taid": {"total_steps": 1}}
 TYPE_WORDS = {float: "a number", int: "an integer", bool: "true or false", str: "a word"}
 
 
@@ -273,7 +280,7 @@ def _settings(kind: TermKind, body: str, text: str) -> tuple[tuple[str, Any], ..
             raise ValueError(f"method {text!r}: {kind.name} sets {key!r} twice")
         settings[key] = _setting(kind, key, raw, text)
     try:  # the term's own checks (T > 0, 0 ≤ α_start ≤ α_end ≤ 1, ...) before anything trains
-        kind.make(**settings)
+        kind.make(**{**RUN_SETTINGS.get(kind.name, {}), **settings})
     except (TypeError, ValueError) as error:
         raise ValueError(f"method {text!r}: {error}") from None
     return tuple(settings.items())
@@ -363,3 +370,315 @@ def parse_method(text: str) -> MethodSpec:
             hint = "'(' is not closed" if rest.startswith("(") and ")" not in rest else f"cannot read {rest!r}"
             raise ValueError(f"method {text!r}: {hint} after {term.name}; {SYNTAX}")
         position += 1
+
+
+# -- layers ------------------------------------------------------------------------------------------------
+def _middle(stages: list[str]) -> str:
+    return stages[(len(stages) - 1) // 2]
+
+
+def stage_pairs(teacher_stages: list[str], student_stages: list[str]) -> list[tuple[str, str]]:
+    """``(teacher stage, student stage)`` pairs for ``@stages``: i ↔ i for equal counts, otherwise each stage
+    of the model with fewer meets the other's stage at the same relative depth (first ↔ first, last ↔ last).
+
+    Example:
+        >>> stage_pairs(["t0", "t1", "t2", "t3"], ["s0", "s1"])
+        [('t0', 's0'), ('t3', 's1')]
+        >>> stage_pairs(["t0", "t1", "t2"], ["s0", "s1", "s2", "s3", "s4"])
+        [('t0', 's0'), ('t1', 's2'), ('t2', 's4')]
+    """
+    fewer, more = sorted((teacher_stages, student_stages), key=len)
+    n, m = len(fewer), len(more)
+    matched = [more[round(i * (m - 1) / (n - 1)) if n > 1 else m - 1] for i in range(n)]
+    pairs = list(zip(fewer, matched))
+    return pairs if fewer is teacher_stages else [(t, s) for s, t in pairs]
+
+
+def _rule_pairs(rule: str, teacher_stages: list[str], student_stages: list[str]) -> list[tuple[str, str]]:
+    if rule in LAYER_RULES:
+        for role, stages in (("teacher", teacher_stages), ("student", student_stages)):
+            if not stages:
+                raise ValueError(f"the {role} has no stages for '@{rule}'; name the layers instead "
+                                 "(term@teacher_layer:student_layer)")
+        if rule == "stages":
+            return stage_pairs(teacher_stages, student_stages)
+        pick = _middle if rule == "middle" else (lambda stages: stages[-1])
+        return [(pick(teacher_stages), pick(student_stages))]
+    teacher_layer, _, student_layer = rule.partition(":")
+    return [(teacher_layer, student_layer or teacher_layer)]
+
+
+@dataclass(frozen=True)
+class PlannedTerm:
+    """One Distiller term of a method: its history ``column``, the ``term`` as written, its ``layers``
+    (``None`` for logit terms) and the ``weight`` it trains with."""
+
+    column: str
+    term: TermSpec
+    layers: tuple[str, str] | None
+    weight: float
+
+
+def _spec(method: str | MethodSpec) -> MethodSpec:
+    return method if isinstance(method, MethodSpec) else parse_method(method)
+
+
+def plan_method(
+    method: str | MethodSpec,
+    teacher_stages: list[str],
+    student_stages: list[str],
+    feature_layers: str = "auto",
+    weight: float | None = None,
+) -> list[PlannedTerm]:
+    """The Distiller terms of ``method`` on models with these stages, before anything is built.
+
+    A feature term without ``@`` takes ``feature_layers`` (``"auto"``: its own :attr:`TermKind.placement`);
+    ``weight`` replaces the weight of every term written without ``*weight``. Columns are the term names;
+    a name used twice gets its layer (``at@blocks_1``: dots are not allowed in column names), then a number.
+
+    Example:
+        >>> [(p.column, p.layers, p.weight) for p in plan_method("kd+at", ["t0", "t1"], ["s0", "s1"])]
+        [('kd', None, 1.0), ('at@t0:s0', ('t0', 's0'), 1000.0), ('at@t1:s1', ('t1', 's1'), 1000.0)]
+    """
+    spec, feature_layers = _spec(method), check_feature_layers(feature_layers)
+    planned: list[tuple[str, TermSpec, tuple[str, str] | None, float]] = []
+    for term in spec.terms:
+        kind = term.kind
+        chosen = term.weight if term.weight is not None else kind.weight if weight is None else float(weight)
+        if kind.kind == "logits":
+            planned.append((term.name, term, None, chosen))
+            continue
+        rule = term.layers or (kind.placement if feature_layers == "auto" else feature_layers)
+        for teacher_layer, student_layer in _rule_pairs(rule, teacher_stages, student_stages):
+            label = student_layer if teacher_layer == student_layer else f"{teacher_layer}:{student_layer}"
+            planned.append((f"{term.name}@{label.replace('.', '_')}", term, (teacher_layer, student_layer), chosen))
+    counts: dict[str, int] = {}
+    for base, *_ in planned:
+        counts[base.split("@")[0]] = counts.get(base.split("@")[0], 0) + 1
+    result, seen = [], set()
+    for column, term, layers, chosen in planned:
+        column = column.split("@")[0] if counts[column.split("@")[0]] == 1 else column
+        unique, number = column, 2
+        while unique in seen:
+            unique, number = f"{column}_{number}", number + 1
+        seen.add(unique)
+        result.append(PlannedTerm(unique, term, layers, chosen))
+    return result
+
+
+def check_method_layers(
+    method: str | MethodSpec, teacher: nn.Module, student: nn.Module, feature_layers: str = "auto"
+) -> dict[str, tuple[str, str]]:
+    """The layer pair of each feature term of ``method`` on these models; ``ValueError`` naming the term and
+    the nearest layer names when a layer does not exist (checked with :func:`workbench.resolve_layers`).
+
+    Example:
+        >>> from workbench import models
+        >>> teacher, student = models.create("cnn"), models.create("cnn_small")
+        >>> check_method_layers("kd+fitnet@blocks.1+rkd", teacher, student)
+        {'fitnet': ('blocks.1', 'blocks.1'), 'rkd': ('blocks.2', 'blocks.2')}
+    """
+    spec = _spec(method)
+    try:
+        planned = plan_method(spec, stage_names(teacher), stage_names(student), feature_layers)
+    except ValueError as error:
+        raise ValueError(f"method {str(spec)!r}: {error}") from None
+    pairs = {}
+    for item in planned:
+        if item.layers is None:
+            continue
+        for role, model, layer in (("teacher", teacher, item.layers[0]), ("student", student, item.layers[1])):
+            try:
+                resolve_layers(model, layer)
+            except KeyError as error:
+                raise ValueError(f"method {str(spec)!r}, term {str(item.term)!r}, {role} side: "
+                                 f"{error.args[0]}") from None
+        pairs[item.column] = item.layers
+    return pairs
+
+
+# -- building ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def teacher_class_means(teacher: nn.Module, data: Any, layer: str, batch_size: int = 256) -> torch.Tensor:
+    """The teacher's mean pooled feature (see :func:`pooled`) at ``layer`` per class over labelled ``data``:
+    ``[num_classes, d]`` (what the ND loss calls ``μ_c``; ``num_classes`` from the teacher when it says).
+
+    Example:
+        >>> from torch import nn
+        >>> teacher = nn.Sequential(nn.Identity())
+        >>> teacher_class_means(teacher, (torch.tensor([[1.0], [3.0], [5.0]]), torch.tensor([0, 0, 1])), "0")
+        tensor([[2.],
+                [5.]])
+    """
+    from workbench.batches import inputs_of, run_model, targets_of, to_device
+    from workbench.data import as_loader
+    from workbench.train.distiller import eval_mode
+
+    parameter = next(teacher.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    features, labels = [], []
+    with eval_mode(teacher), capture(teacher, [layer]) as activations:
+        for batch in as_loader(data, batch_size=batch_size):
+            targets = targets_of(batch)
+            if targets is None:
+                raise ValueError("the ND term's class means need labelled data ((x, y) batches)")
+            run_model(teacher, to_device(inputs_of(batch), device))
+            features.append(pooled(activations[layer]).float())
+            labels.append(targets.reshape(-1))
+    num_classes = getattr(teacher, "num_classes", None)
+    return losses.class_means(torch.cat(features), torch.cat(labels).to(features[0].device),
+                              num_classes if isinstance(num_classes, int) else None)
+
+
+def _make_term(item: PlannedTerm, total_steps: int | None) -> nn.Module:
+    settings = dict(item.term.settings)
+    if item.term.name == "taid" and total_steps and "total_steps" not in settings:
+        settings["total_steps"] = int(total_steps)  # the linear floor of its schedule spans the whole run
+    try:
+        return item.term.kind.make(**settings)
+    except ValueError as error:
+        raise ValueError(f"{str(item.term)!r}: {error}; pass the run's length (method_distiller(..., total_steps=N))"
+                         f" or write {item.term.name}(total_steps=N)") from None
+
+
+def method_distiller(
+    method: str | MethodSpec,
+    teacher: nn.Module,
+    student: nn.Module,
+    weight: float | None = None,
+    feature_layers: str = "auto",
+    *,
+    data: Any = None,
+    total_steps: int | None = None,
+) -> nn.Module:
+    """The thing to train for ``method``: a :class:`~workbench.train.Distiller`, or ``student`` itself for
+    ``"student"``.
+
+    ``weight`` replaces the weight of every term written without ``*weight`` (cross-entropy keeps 1);
+    ``feature_layers`` places feature terms written without ``@`` (see :func:`plan_method`). ``data``
+    (labelled, e.g. the training set) gives the ND term the teacher's class means over it (without it,
+    ND uses the batch's). ``total_steps`` (the run's optimizer steps) gives TAID the linear floor of its
+    schedule, unless the method sets ``taid(total_steps=…)``. History columns are the planned term names.
+
+    Example:
+        >>> from workbench import models
+        >>> from workbench.reports.methods import method_distiller
+        >>> teacher, student = models.create("cnn").eval(), models.create("cnn_small")
+        >>> method_distiller("fitnet", teacher, student).layers
+        {'fitnet': ('blocks.1', 'blocks.1')}
+        >>> distiller = method_distiller("kd(T=2)*0.5+at@stages", teacher, student)
+        >>> distiller.weights
+        {'kd': 0.5, 'at@blocks_0': 1000.0, 'at@blocks_1': 1000.0, 'at@blocks_2': 1000.0}
+        >>> method_distiller("student", teacher, student) is student
+        True
+    """
+    spec = _spec(method)
+    if not spec.terms:
+        return student
+    check_method_layers(spec, teacher, student, feature_layers)
+    planned = plan_method(spec, stage_names(teacher), stage_names(student), feature_layers, weight)
+    terms = {item.column: (_make_term(item, total_steps), item.weight) for item in planned}
+    layers = {item.column: item.layers for item in planned if item.layers is not None}
+    distiller = Distiller(teacher, student, terms, layers=layers)
+    if data is not None:
+        for item in planned:
+            if item.term.name == "nd":
+                teacher_layer = distiller.layers[item.column][0]
+                distiller.terms[item.column].class_means = teacher_class_means(teacher, data, teacher_layer)
+    return distiller
+
+
+# -- descriptions and the named methods --------------------------------------------------------------------
+GREEK = {"alpha": "α", "beta": "β", "gamma": "γ"}
+
+
+def _number(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else _value_text(value)
+
+
+def _where(rule: str) -> str:
+    if rule in ("middle", "last"):
+        return f"between the {rule} stages"
+    if rule == "stages":
+        return "at every stage pair"
+    teacher_layer, _, student_layer = rule.partition(":")
+    return f"between teacher {teacher_layer} and student {student_layer}" if student_layer else f"at {rule}"
+
+
+def describe_term(term: TermSpec, feature_layers: str = "auto") -> str:
+    """One term in words, e.g. ``"0.5 × KD(T=2) on the logits (Hinton et al. 2015)"``.
+
+    Example:
+        >>> describe_term(parse_method("at@stages").terms[0])
+        '1000 × attention transfer (p=2) at every stage pair (Zagoruyko & Komodakis 2017)'
+    """
+    kind = term.kind
+    weight = kind.weight if term.weight is None else term.weight
+    defaults = {key: p.default for key, p in kind.keywords().items()}
+    values = {**{key: defaults[key] for key in kind.shown}, **kind.settings, **dict(term.settings)}
+    shown = ", ".join(f"{GREEK.get(key, key)}={_number(value)}" for key, value in values.items())
+    label = kind.label + (("" if kind.label.isalnum() else " ") + f"({shown})" if shown else "")
+    if kind.kind == "logits":
+        where = "on the logits"
+    else:
+        where = _where(term.layers or (kind.placement if feature_layers == "auto" else feature_layers))
+    return f"{_number(float(weight)) + ' × ' if weight != 1 else ''}{label} {where} ({kind.paper})"
+
+
+def describe_method(method: str | MethodSpec, feature_layers: str = "auto") -> str:
+    """``method`` in words, for the results table's "Methods:" list (a named method keeps its description).
+
+    Example:
+        >>> describe_method("kd(T=2)*0.5+fitnet@blocks.1")
+        'CE + 0.5 × KD(T=2) on the logits (Hinton et al. 2015) + FitNet hint (1×1-conv projector, MSE) at blocks.1 (Romero et al. 2015)'
+        >>> describe_method("dkd")
+        'CE + DKD(α=1, β=8, T=4) on the logits (Zhao et al. 2022)'
+    """
+    if isinstance(method, str) and method in METHODS and (feature_layers == "auto" or METHODS[method].make is None
+                                                          or TERMS[method].kind == "logits"):
+        return METHODS[method].description
+    spec = _spec(method)
+    if not spec.terms:
+        return METHODS["student"].description
+    return "CE + " + " + ".join(describe_term(term, feature_layers) for term in spec.terms)
+
+
+TermsAndLayers = tuple[dict[str, tuple[nn.Module, float]], dict[str, tuple[str, str]]]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named distillation method: ``make(teacher_stages, student_stages, weight) -> (terms, layers)`` for a
+    :class:`Distiller` (``make=None``: the student alone), its default term weight and a description."""
+
+    name: str
+    description: str
+    make: Callable[[list[str], list[str], float], TermsAndLayers] | None = None
+    weight: float = 1.0
+
+
+def _maker(name: str) -> Callable[[list[str], list[str], float], TermsAndLayers]:
+    def make(teacher_stages: list[str], student_stages: list[str], weight: float) -> TermsAndLayers:
+        planned = plan_method(name, teacher_stages, student_stages, weight=weight)
+        return ({item.column: (_make_term(item, None), item.weight) for item in planned},
+                {item.column: item.layers for item in planned if item.layers is not None})
+
+    return make
+
+
+# The descriptions of the methods the committed results tables used (reports/results/distill_*.md), verbatim.
+_DESCRIPTIONS = {
+    "student": "the student alone: cross-entropy on the labels",
+    "kd": "CE + KD(T=4) on the logits (Hinton et al. 2015)",
+    "dkd": "CE + DKD(α=1, β=8, T=4) on the logits (Zhao et al. 2022)",
+    "dist": "CE + DIST(β=1, γ=1) on the logits (Huang et al. 2022)",
+    "fitnet": "CE + FitNet hint (1×1-conv projector, MSE) between the middle stages (Romero et al. 2015)",
+    "rkd": "CE + RKD distance and angle between the last stages (Park et al. 2019)",
+    "cka": "CE + CKALoss (1 − linear CKA) between the last stages",
+}
+
+METHODS: dict[str, Method] = {"student": Method("student", _DESCRIPTIONS["student"])} | {
+    name: Method(name, _DESCRIPTIONS.get(name) or describe_method(MethodSpec((TermSpec(name),))), _maker(name),
+                 kind.weight)
+    for name, kind in TERMS.items()
+}
