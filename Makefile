@@ -8,7 +8,7 @@ STAMP := $(VENV)/.kd-workbench-installed
 ANIMALS := animal-mnist==0.4
 ANIMALS_STAMP := $(VENV)/.kd-workbench-$(ANIMALS)
 
-.PHONY: install report test benchmark
+.PHONY: install report test benchmark screenshot
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,3 +31,9 @@ test: install
 
 benchmark: install
 	$(PY) benchmarks/cka_matrix.py --markdown reports/results/cka_benchmark.md
+
+# docs/gap_report.png, the README's picture: render the default gap report, then screenshot its top
+# (down to the interactive CKA heatmap) in headless /usr/bin/chromium, offline
+screenshot: install
+	$(VENV)/bin/kd-workbench report gap
+	$(PY) tools/screenshot_report.py --output docs/gap_report.png
