@@ -28,7 +28,7 @@ from workbench.train.checkpointer import Checkpointer
 from workbench.train.distributed import EpochBatches, samples_in, setup_distributed, wrap_ddp
 from workbench.train.guard import FiniteGuard, checkpoint_note
 from workbench.train.distiller import Distiller
-from workbench.train.interrupt import StopOnInterrupt, mark_interrupted, stop_for
+from workbench.train.interrupt import StopOnInterrupt, agree_to_stop, mark_interrupted, stop_for
 from workbench.train.precision import autocast_settings
 
 __all__ = ["fit", "accuracy", "logits_of", "History"]
@@ -159,17 +159,6 @@ def _train_step(module: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any
     return values
 
 
-def _agree_to_stop(state: TrainState) -> bool:
-    """Whether to stop after this step; under DDP all ranks stop if one does (else the others would hang)."""
-    if state.world_size > 1:
-        flag = torch.tensor([2.0 if state.interrupted else float(state.stop)], device=state.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if flag.item() == 2.0 and not state.interrupted:
-            state.request_stop("stopped on another rank")
-        state.stop = state.stop or flag.item() > 0
-    return state.stop
-
-
 @dataclass
 class _Loop:
     """The pieces of one ``fit`` run that every step uses, and the loop over one epoch's batches."""
@@ -200,7 +189,7 @@ class _Loop:
         try:
             for index, batch in self.batches.epoch(epoch, skip):
                 self.step(epoch, index, batch)
-                if _agree_to_stop(state):
+                if agree_to_stop(state):
                     break
         except KeyboardInterrupt as interrupt:
             stop_for(interrupt, state)
@@ -324,6 +313,26 @@ def fit(
     process group) the trained module is wrapped in DistributedDataParallel, each rank takes its share
     of every global batch, and the logged values are averaged over ranks. Seeded and deterministic on
     the CPU; the caller's RNG state is left untouched. The model is left in eval mode on ``device``.
+
+    ``last_batch``: what an epoch's short tail (``len(train) % batch_size`` samples) becomes.
+    ``"merge"`` (default): a tail shorter than half a batch or than 4 samples joins the batch before
+    it (1347 samples in batches of 64: 20 of 64 and one of 67); a longer tail is its own batch. So every
+    sample is used every epoch and no batch is below ``min(batch_size, 4)`` samples or half a batch,
+    which batch terms (``CKALoss`` debiased, RKD angles, SP) need. ``"drop"``: the tail is left out
+    (another one each epoch: the order is reshuffled). ``"keep"``: the tail is its own batch, however
+    small. Under ``torchrun`` the rule applies to each rank's share (``batch_size // world`` a batch).
+    An ``IterableDataset`` is batched alike; a ``DataLoader`` of yours is used as it is (set its
+    ``drop_last``), with one warning if its last batch is tiny. An exception raised inside a step keeps
+    its type and gets a note: "raised in fit at epoch e, step s (batch index b of the epoch, ...)".
+
+    Stopping early: a callback's ``state.request_stop(reason)`` (a stop button) or Ctrl-C ends the run
+    after the current step; a second Ctrl-C raises ``KeyboardInterrupt`` at once, and a
+    ``KeyboardInterrupt`` raised anyway discards the unfinished step (see :mod:`workbench.train.interrupt`
+    for what happens to the weights). A checkpoint is then written when ``checkpoint_dir`` is set
+    (``resume=True`` continues it), ``on_train_end`` sees ``state.interrupted`` and ``state.stop_reason``
+    (``"KeyboardInterrupt"`` for Ctrl-C), an epoch cut short is not evaluated (call :func:`accuracy`),
+    and the history so far comes back with ``history.attrs["interrupted"] = {"epoch", "step", "reason"}``
+    and a line on stderr. A completed run, or one ended by ``state.stop = True``, has no such mark.
 
     Example:
         >>> import torch

@@ -1,13 +1,23 @@
 """Ctrl-C during ``fit``: the first one ends training after the current step, a second one at once.
 
 While ``fit`` runs in the main thread, :class:`StopOnInterrupt` takes SIGINT over from Python's default
-handler (or ipykernel's, for an ``await``-ing cell) and gives it back when training ends. Its first
-Ctrl-C only asks the run to stop (``state.request_stop("KeyboardInterrupt")``): the step under way
-finishes, so an optimizer step is never torn, and ``fit`` returns the history marked by
-:func:`mark_interrupted`. A second Ctrl-C raises :class:`SecondInterrupt` (a ``KeyboardInterrupt``)
-at once, wherever training is: the escape hatch for a step that hangs. Another handler of the
-caller's (or a thread other than the main one) is left alone; a ``KeyboardInterrupt`` raised anyway
-is handled by ``fit`` itself (see its docstring).
+handler (or ipykernel's, for an ``await``-ing cell; Jupyter's interrupt button sends SIGINT) and gives
+it back when training ends. Its first Ctrl-C only asks the run to stop
+(``state.request_stop("KeyboardInterrupt")``): the step under way finishes, so an optimizer step is
+never torn, and ``fit`` returns the history so far, marked by :func:`mark_interrupted`. A second Ctrl-C
+raises :class:`SecondInterrupt` (a ``KeyboardInterrupt``) at once, wherever training is: the escape
+hatch for a step that hangs; nothing is returned and the weights may be mid-step (resume from the last
+checkpoint).
+
+Another SIGINT handler of the caller's, and a ``fit`` in a thread other than the main one, are left
+alone. A ``KeyboardInterrupt`` that reaches ``fit`` anyway (such a handler, a term or callback raising
+it, an exception sent to the thread) also ends the run cleanly (:func:`stop_for`). Where it landed
+decides what the step was: before ``optimizer.step`` the step is discarded (no history row, the
+gradients dropped, the parameters as after the previous step; BatchNorm running statistics may have
+seen the batch's forward); once the update has begun, the step counts as done (its row is kept).
+
+Under ``torchrun`` every rank stops after the same step (:func:`agree_to_stop`: one small all-reduce
+per step), so no rank waits forever for the others.
 """
 from __future__ import annotations
 
@@ -18,11 +28,12 @@ from types import FrameType
 from typing import Any
 
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from workbench.train.callbacks import TrainState
 
-__all__ = ["INTERRUPT_REASON", "SecondInterrupt", "StopOnInterrupt", "mark_interrupted", "stop_for"]
+__all__ = ["INTERRUPT_REASON", "SecondInterrupt", "StopOnInterrupt", "agree_to_stop", "mark_interrupted", "stop_for"]
 
 INTERRUPT_REASON = "KeyboardInterrupt"
 
@@ -117,3 +128,21 @@ def stop_for(interrupt: KeyboardInterrupt, state: TrainState) -> None:
     if isinstance(interrupt, SecondInterrupt):
         raise interrupt
     state.request_stop(INTERRUPT_REASON)
+
+
+def agree_to_stop(state: TrainState) -> bool:
+    """Whether to stop after this step; under DDP every rank stops when one does (else the others would hang).
+
+    Example:
+        >>> import torch
+        >>> state = TrainState(None, None, None, None, torch.device("cpu"), epochs=1)
+        >>> agree_to_stop(state), (state.request_stop(), agree_to_stop(state))[1]
+        (False, True)
+    """
+    if state.world_size > 1:
+        flag = torch.tensor([2.0 if state.interrupted else float(state.stop)], device=state.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() == 2.0 and not state.interrupted:
+            state.request_stop("stopped on another rank")
+        state.stop = state.stop or flag.item() > 0
+    return state.stop
