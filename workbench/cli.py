@@ -21,6 +21,7 @@ from typing import Any
 
 from workbench import __version__, reports
 from workbench.reports import declarations
+from workbench.reports.progress_line import ProgressPrinter
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 _TRUE, _FALSE, _NONE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}, {"none", "null"}
@@ -42,6 +43,9 @@ output:
   The HTML opens offline (plotly.js embedded). A file a report writes outside its run folder
   (distill: -p results_table=FILE.md) must end in .md and is never replaced unless you pass --force
   (or -p overwrite_results=true); this is checked before the run starts.
+  While it runs, stderr shows the cell running (i/N and its heading), the training run (method, seed,
+  epoch e/E) and an estimate of the time left: one updating line on a terminal, one line per cell,
+  run and epoch otherwise (a log); -q/--quiet turns it off.
   Exit status: 0 done, 1 a cell failed (the partial notebook is kept and its path printed),
   2 bad arguments (nothing ran), 128+N stopped by signal N (130 Ctrl-C, 143 SIGTERM; the kernel is
   shut down, the partial notebook's path printed).
@@ -89,7 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("-o", "--output-dir", default="reports", help="where runs are written (default: ./reports)")
     report.add_argument("-f", "--force", action="store_true",
                         help="let the report replace existing output files it is given (results_table)")
-    report.add_argument("--progress", action="store_true", help="show papermill's per-cell progress bar")
+    report.add_argument("--progress", action="store_true",
+                        help="show papermill's per-cell progress bar instead of the workbench's progress line")
+    report.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress (by default stderr shows the cell, the training run and the time left)")
     report.set_defaults(report_parser=report)
     return parser
 
@@ -273,10 +280,11 @@ def _report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
               "(kd-workbench report --list shows them)", file=sys.stderr)
         return EXIT_USAGE
     values = validate_parameters(args.name, parse_parameters(args.parameters))
+    printer = None if args.quiet or args.progress else ProgressPrinter(sys.stderr)
     try:
-        with _signals_as_interrupts():
+        with _signals_as_interrupts(), _closing(printer):
             run = reports.run_report(args.name, values, args.output_dir, overwrite=args.force,
-                                     progress=args.progress, log=_log)
+                                     progress=args.progress, log=_log, on_event=printer)
     except reports.ReportInterrupted as interrupted:
         print(f"error: {interrupted}", file=sys.stderr)
         if interrupted.notebook is not None:
@@ -296,6 +304,16 @@ def _report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(f"notebook: {run.notebook}")
     print(f"html:     {run.html}")
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _closing(printer: ProgressPrinter | None) -> Iterator[None]:
+    """End the progress line however the run ends, so messages after it start on their own line."""
+    try:
+        yield
+    finally:
+        if printer is not None:
+            printer.close()
 
 
 class _Signalled(KeyboardInterrupt):

@@ -13,7 +13,7 @@ def executor(monkeypatch):
     """papermill and nbconvert replaced by recorders (no kernel); yields the parameters each run got."""
     calls = []
 
-    def fake_execute(notebook, output, parameters, *, progress=False):
+    def fake_execute(notebook, output, parameters, *, progress=False, on_event=None):
         calls.append(parameters)
         nbformat.write(nbformat.v4.new_notebook(), str(output))
 

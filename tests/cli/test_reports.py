@@ -19,7 +19,7 @@ def executor(monkeypatch):
     """Replace papermill and nbconvert by recorders: each call is kept; the notebook is a stub."""
     calls = []
 
-    def fake_execute(notebook, output, parameters, *, progress=False):
+    def fake_execute(notebook, output, parameters, *, progress=False, on_event=None):
         calls.append({"notebook": notebook, "output": output, "parameters": parameters})
         nbformat.write(nbformat.v4.new_notebook(), str(output))
 
@@ -195,7 +195,7 @@ def test_any_notebook_path_is_a_report(executor, tmp_path):
 
 
 def test_failing_cell_exits_1_and_prints_the_partial_notebook(monkeypatch, tmp_path, capsys):
-    def failing_execute(notebook, output, parameters, *, progress=False):
+    def failing_execute(notebook, output, parameters, *, progress=False, on_event=None):
         nbformat.write(nbformat.v4.new_notebook(), str(output))
         raise RuntimeError("a cell failed")
 

@@ -24,6 +24,7 @@ from workbench.data import num_samples
 from workbench.files import write_atomic
 from workbench.probes.cka_result import CKAResult
 from workbench.probes.cka_stream import cka_matrix
+from workbench.reports import progress as progress_events
 from workbench.reports.methods import (  # METHODS, Method, _middle, method_distiller moved there; re-exported
     METHODS, Method, MethodSpec, _middle, check_feature_layers, check_method_layers, describe_method,  # noqa: F401
     method_distiller, parse_method,
@@ -139,13 +140,10 @@ class Comparison:
         ``flags``: the report's sanity flags (:mod:`workbench.reports.sanity`). While any stands, a line
         above the table says the methods must not be ranked by it, and each flagged row is marked
         (*not converged*, *near chance*)."""
+        from workbench.reports.sanity import row_marks
+
         table = self.table()
-        marks: dict[str, list[str]] = {}
-        for flag in flags:
-            subject = flag.subject.split("`")[1] if flag.subject.count("`") == 2 else flag.subject
-            role = "teacher" if flag.subject.startswith("teacher") else subject
-            marks.setdefault(role, []).append({"still_rising": "not converged", "near_chance": "near chance"}.get(
-                flag.kind, "flagged"))
+        marks = row_marks(flags)
         lines = []
         if flags:
             lines += ["**Not conclusive: the sanity checks flag problems** (rows marked *not converged* or *near "
@@ -158,11 +156,11 @@ class Comparison:
             wins = f"{int(row['wins'])}/{int(row['paired_seeds'])}" if compared else "—"
             cka = "—" if np.isnan(row["matched_cka"]) else f"{row['matched_cka']:.3f}"
             spread = "n/a" if np.isnan(row["accuracy_std"]) else f"{row['accuracy_std']:.2f}"
-            label = name + "".join(f" (*{mark}*)" for mark in dict.fromkeys(marks.get(name, [])))
+            label = name + "".join(f" (*{mark}*)" for mark in marks.get(name, []))
             lines.append(f"| {label} | {row['accuracy_mean']:.2f} ± {spread} | {delta} | {wins} "
                          f"| {cka} | {int(row['seeds'])} |")
         if self.teacher_accuracy is not None:
-            teacher = "*teacher*" + "".join(f" (*{mark}*)" for mark in dict.fromkeys(marks.get("teacher", [])))
+            teacher = "*teacher*" + "".join(f" (*{mark}*)" for mark in marks.get("teacher", []))
             lines.append(f"| {teacher} | {100 * self.teacher_accuracy:.2f} | | | | |")
         if self.missing_text():
             lines += ["", self.missing_text()]
@@ -237,19 +235,6 @@ class Comparison:
         return write_atomic(path, "\n".join(text) + "\n")
 
 
-def _whole_batches(train: Any, batch_size: int, smallest: int = 4) -> Any:
-    """``train`` without its last few samples when they would make a last batch of fewer than ``smallest``
-    (batch terms such as CKALoss and RKD need several samples); the same data for every method."""
-    from torch.utils.data import Dataset, Subset
-
-    n_samples = num_samples(train)
-    if not isinstance(train, Dataset) or n_samples is None or 0 < n_samples % batch_size >= smallest:
-        return train
-    if n_samples % batch_size == 0 or n_samples < batch_size:
-        return train
-    return Subset(train, range(n_samples - n_samples % batch_size))
-
-
 def run_comparison(
     teacher: nn.Module,
     make_student: Callable[[int], nn.Module],
@@ -280,9 +265,8 @@ def run_comparison(
     feature terms written without ``@``; ``weights`` maps a method to the weight of its terms written
     without ``*weight``. A run that comes back interrupted (Ctrl-C, a stop request) ends the comparison:
     the finished runs are returned, with ``interrupted`` and ``missing`` set. ``callbacks(method, seed)``
-    gives extra callbacks per run (e.g. a live ``TrainingMonitor``). A
-    ``Dataset`` whose last batch would hold fewer than 4 samples loses those samples (for every method
-    alike), since batch terms such as CKALoss need several.
+    gives extra callbacks per run (e.g. a live ``TrainingMonitor``). A short last batch is merged into
+    the one before it by ``fit`` (``last_batch="merge"``), so batch terms such as CKALoss get enough samples.
 
     Example:
         >>> import torch
@@ -306,7 +290,6 @@ def run_comparison(
     for spec in specs:  # a layer that does not exist fails here, before anything trains
         check_method_layers(spec, teacher, untrained, feature_layers)
     weights = dict(weights or {})
-    train = _whole_batches(train, batch_size)
     rows, histories, results = [], {}, {}
 
     def measure(student: nn.Module, label: str) -> CKAResult:
@@ -318,6 +301,7 @@ def run_comparison(
     uses_taid = any(term.name == "taid" for spec in specs for term in spec.terms)
     total_steps = _total_steps(train, batch_size, epochs) if uses_taid else None
     interrupted = None
+    progress_events.emit("plan", runs=len(methods) * len(seeds), epochs=epochs)  # for the CLI's time left
     for method in methods:
         for seed in seeds:
             student = make_student(seed)
@@ -326,7 +310,8 @@ def run_comparison(
             started = time.perf_counter()
             history = fit(model, train, test, epochs=epochs, lr=lr, batch_size=batch_size, schedule="cosine",
                           seed=seed, device=device, progress=progress,
-                          callbacks=callbacks(method, seed) if callbacks else ())
+                          callbacks=[*(callbacks(method, seed) if callbacks else ()),
+                                     *progress_events.fit_callbacks(method=method, seed=seed)])
             seconds = time.perf_counter() - started
             if history.attrs.get("interrupted"):  # Ctrl-C or a stop request: keep what ran, start nothing new
                 histories[(method, seed)] = history
@@ -343,6 +328,7 @@ def run_comparison(
                 log(f"{method} seed {seed}: test accuracy {score:.2%} in {seconds:.1f} s")
         if interrupted is not None:
             break
+    progress_events.emit("plan_end")
     settings = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seeds": list(seeds), "weights": weights,
                 "feature_layers": feature_layers, "train_samples": num_samples(train)}
     runs = pd.DataFrame(rows, columns=["method", "seed", "accuracy", "matched_cka", "seconds"])

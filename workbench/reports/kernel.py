@@ -5,18 +5,27 @@ text decoded in the cell (:func:`~workbench.reports.values.parameters_source`), 
 source. The kernel's connection file (it holds the kernel's key) lives in Jupyter's runtime folder, and
 the kernel is stopped and that file removed whatever happens, a ``KeyboardInterrupt`` included.
 papermill and jupyter_client are imported only inside the functions.
+
+Progress: with ``on_event``, the kernel gets :data:`~workbench.reports.progress.PROGRESS_ENV` naming an event
+file in a fresh temporary folder; papermill's engine is wrapped so that each code cell's start is written
+there too (``cell`` events), a thread follows the file and hands every event to ``on_event``, and the folder
+is removed when the run ends, however it ends.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from workbench.reports import progress as progress_module
 from workbench.reports.values import check_parameters, parameters_source
 
 __all__ = ["REPORT_ENV", "execute_notebook"]
@@ -33,12 +42,14 @@ _KERNEL_NAME = "kd-workbench-python3"  # papermill finds our JSON translator und
 _REPLY_SECONDS = 0.25  # between interrupting the kernel and asking it to shut down
 
 
-def _kernel_manager_class() -> type:
+def _kernel_manager_class(extra_env: dict[str, str] | None = None) -> type:
     """An ``AsyncKernelManager`` whose kernel is ``sys.executable -m ipykernel_launcher``: no kernelspec.
 
     Its connection file (it holds the kernel's key) lives in Jupyter's runtime folder (private to the
     user, ``JUPYTER_RUNTIME_DIR``); the class keeps its instances in ``started`` for :func:`_stop_kernels`.
+    ``extra_env`` joins the kernel's environment (the progress event file).
     """
+    kernel_env = {**_KERNEL_ENV, **(extra_env or {})}
     import zmq
     from jupyter_client.kernelspec import KernelSpec
     from jupyter_client.manager import AsyncKernelManager
@@ -77,7 +88,7 @@ def _kernel_manager_class() -> type:
         def kernel_spec(self) -> KernelSpec:
             return KernelSpec(
                 argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-                name="python3", display_name="Python 3 (ipykernel)", language="python", env=dict(_KERNEL_ENV),
+                name="python3", display_name="Python 3 (ipykernel)", language="python", env=dict(kernel_env),
                 metadata={"supported_encryption": ["curve"]},
             )
 
@@ -120,11 +131,79 @@ def _register_translator() -> None:
     papermill_translators.register(_KERNEL_NAME, JSONParametersTranslator)
 
 
-def execute_notebook(notebook: Path, output: Path, parameters: dict[str, Any], *, progress: bool = False) -> None:
+_ENGINE_NAME = "kd-workbench-progress"
+
+
+def _heading(source: str) -> str:
+    """The text of the last Markdown heading in ``source`` ("" if none)."""
+    headings = [line.lstrip("#").strip() for line in source.splitlines() if line.startswith("#")]
+    return headings[-1] if headings else ""
+
+
+def _first_line(source: str) -> str:
+    """The first line of code that is not blank or a comment."""
+    return next((line.strip() for line in source.splitlines() if line.strip() and not line.lstrip().startswith("#")),
+                "")
+
+
+def _register_progress_engine(events: Path) -> str:
+    """papermill's nbclient engine, writing a ``cell`` event to ``events`` as each code cell starts:
+    ``index``/``cells`` count code cells (the injected parameters cell included), ``heading`` is the
+    Markdown heading above it, ``first_line`` its first line of code."""
+    from papermill.engines import NBClientEngine, papermill_engines
+
+    class ProgressEngine(NBClientEngine):
+        @classmethod
+        def execute_managed_notebook(cls, nb_man: Any, kernel_name: str, **kwargs: Any) -> Any:
+            cells, heading, titles = nb_man.nb.cells, "", {}
+            for index, cell in enumerate(cells):
+                if cell.cell_type == "markdown":
+                    heading = _heading(cell.source) or heading
+                elif cell.cell_type == "code":
+                    titles[index] = (len(titles) + 1, heading, _first_line(cell.source))
+            started = nb_man.cell_start
+
+            def cell_start(cell: Any, cell_index: int | None = None, **more: Any) -> None:
+                started(cell, cell_index, **more)
+                if cell_index in titles:
+                    number, heading, first = titles[cell_index]
+                    progress_module.emit_to(events, "cell", index=number, cells=len(titles), heading=heading,
+                                     first_line=first)
+
+            nb_man.cell_start = cell_start
+            return super().execute_managed_notebook(nb_man, kernel_name, **kwargs)
+
+    papermill_engines.register(_ENGINE_NAME, ProgressEngine)
+    return _ENGINE_NAME
+
+
+@contextlib.contextmanager
+def _progress_events(on_event: Callable[[dict[str, Any]], None] | None) -> Iterator[Path | None]:
+    """A fresh event file followed by a thread calling ``on_event`` (None: no file, no thread); the file and
+    its folder are removed afterwards."""
+    if on_event is None:
+        yield None
+        return
+    folder = Path(tempfile.mkdtemp(prefix="kd-workbench-progress-"))
+    events = folder / "events.jsonl"
+    tail = progress_module.EventTail(events, on_event).start()
+    try:
+        yield events
+    finally:
+        tail.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def execute_notebook(
+    notebook: Path, output: Path, parameters: dict[str, Any], *, progress: bool = False,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+) -> None:
     """Run ``notebook`` with papermill on the current interpreter, writing ``output`` (also on failure).
 
     The parameters cell is injected as JSON text (:func:`~workbench.reports.values.parameters_source`);
-    the kernel is stopped and its connection file removed whatever happens, Ctrl-C included.
+    the kernel is stopped and its connection file removed whatever happens, Ctrl-C included. ``progress``
+    shows papermill's bar; ``on_event`` is called (from another thread) with each progress event: cell
+    starts, training runs and epochs (see :mod:`workbench.reports.progress`).
 
     Example:
         >>> from pathlib import Path
@@ -136,15 +215,17 @@ def execute_notebook(notebook: Path, output: Path, parameters: dict[str, Any], *
 
     values = check_parameters(parameters)
     _register_translator()
-    manager_class = _kernel_manager_class()
 
     def literal(path: Path) -> str:  # papermill formats paths with the parameters: {name} must stay text
         return str(path).replace("{", "{{").replace("}", "}}")
 
-    try:
-        papermill.execute_notebook(
-            literal(notebook), literal(output), parameters=values, kernel_name=_KERNEL_NAME, language="python",
-            progress_bar=progress, kernel_manager_class=manager_class,
-        )
-    finally:
-        _stop_kernels(manager_class.started)
+    with _progress_events(on_event) as events:
+        manager_class = _kernel_manager_class({progress_module.PROGRESS_ENV: str(events)} if events else None)
+        engine = _register_progress_engine(events) if events else None
+        try:
+            papermill.execute_notebook(
+                literal(notebook), literal(output), parameters=values, kernel_name=_KERNEL_NAME, language="python",
+                progress_bar=progress, kernel_manager_class=manager_class, engine_name=engine,
+            )
+        finally:
+            _stop_kernels(manager_class.started)

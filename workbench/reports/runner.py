@@ -272,6 +272,7 @@ def run_report(
     overwrite: bool = False,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
 ) -> ReportRun:
     """Check ``parameters`` (JSON data), run the report with papermill, write ``report.ipynb`` + ``.html``.
 
@@ -281,7 +282,9 @@ def run_report(
     choices, ranges, model names, layers and model arguments checked on the built untrained models), and
     the output files usable (:func:`check_outputs`; ``overwrite=True`` lets the report replace existing ones). Raises :class:`ParameterError` / :class:`OutputError` then, with nothing
     written; :class:`ReportFailed` (partial notebook kept) when a cell fails; :class:`ReportInterrupted`
-    (kernel stopped) on ``KeyboardInterrupt``. ``log`` (e.g. ``print``) hears where the run goes.
+    (kernel stopped) on ``KeyboardInterrupt``. ``log`` (e.g. ``print``) hears where the run goes;
+    ``on_event`` gets each progress event from another thread (cells, training runs, epochs: see
+    :mod:`workbench.reports.progress`; the CLI draws them with :class:`~workbench.reports.progress_line.ProgressPrinter`).
 
     Example:
         >>> from workbench.reports import run_report
@@ -302,7 +305,7 @@ def run_report(
         log(f"running report {report.name!r} into {run_dir}")
     start = time.perf_counter()
     try:
-        execute_notebook(report.notebook, notebook, values, progress=progress)
+        execute_notebook(report.notebook, notebook, values, progress=progress, on_event=on_event)
     except KeyboardInterrupt as interrupt:
         number = getattr(interrupt, "signal_number", signal.SIGINT)
         raise ReportInterrupted(f"report {report.name!r} interrupted by {signal.Signals(number).name}; its kernel "
