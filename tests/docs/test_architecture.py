@@ -19,8 +19,9 @@ def allowed_imports(text: str) -> dict[str, set[str] | None]:
     """The table after ``<!-- imports -->``: package -> what it may import (None: anything).
 
     Example:
-        >>> allowed_imports("<!-- imports -->\\n| a | b |\\n|---|---|\\n| `x` | `y`, `z.w` |\\n| `r` | anything in `workbench` |\\n")
-        {'x': {'y', 'z.w'}, 'r': None}
+        >>> rules = allowed_imports("<!-- imports -->\\n| a | b |\\n|---|---|\\n| `x` | `y`, `z.w` |\\n| `r` | anything in `workbench` |\\n")
+        >>> sorted(rules["x"]), rules["r"]
+        (['y', 'z.w'], None)
     """
     table = text.split("<!-- imports -->", 1)[1].strip().split("\n\n", 1)[0]
     rules: dict[str, set[str] | None] = {}
