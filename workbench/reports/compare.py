@@ -140,10 +140,13 @@ class Comparison:
         ``flags``: the report's sanity flags (:mod:`workbench.reports.sanity`). While any stands, a line
         above the table says the methods must not be ranked by it, and each flagged row is marked
         (*not converged*, *near chance*)."""
-        from workbench.reports.sanity import row_marks
-
         table = self.table()
-        marks = row_marks(flags)
+        marks: dict[str, list[str]] = {}
+        for flag in flags:
+            subject = flag.subject.split("`")[1] if flag.subject.count("`") == 2 else flag.subject
+            role = "teacher" if flag.subject.startswith("teacher") else subject
+            marks.setdefault(role, []).append({"still_rising": "not converged", "near_chance": "near chance"}.get(
+                flag.kind, "flagged"))
         lines = []
         if flags:
             lines += ["**Not conclusive: the sanity checks flag problems** (rows marked *not converged* or *near "
@@ -156,11 +159,11 @@ class Comparison:
             wins = f"{int(row['wins'])}/{int(row['paired_seeds'])}" if compared else "—"
             cka = "—" if np.isnan(row["matched_cka"]) else f"{row['matched_cka']:.3f}"
             spread = "n/a" if np.isnan(row["accuracy_std"]) else f"{row['accuracy_std']:.2f}"
-            label = name + "".join(f" (*{mark}*)" for mark in marks.get(name, []))
+            label = name + "".join(f" (*{mark}*)" for mark in dict.fromkeys(marks.get(name, [])))
             lines.append(f"| {label} | {row['accuracy_mean']:.2f} ± {spread} | {delta} | {wins} "
                          f"| {cka} | {int(row['seeds'])} |")
         if self.teacher_accuracy is not None:
-            teacher = "*teacher*" + "".join(f" (*{mark}*)" for mark in marks.get("teacher", []))
+            teacher = "*teacher*" + "".join(f" (*{mark}*)" for mark in dict.fromkeys(marks.get("teacher", [])))
             lines.append(f"| {teacher} | {100 * self.teacher_accuracy:.2f} | | | | |")
         if self.missing_text():
             lines += ["", self.missing_text()]
@@ -235,6 +238,19 @@ class Comparison:
         return write_atomic(path, "\n".join(text) + "\n")
 
 
+def _whole_batches(train: Any, batch_size: int, smallest: int = 4) -> Any:
+    """``train`` without its last few samples when they would make a last batch of fewer than ``smallest``
+    (batch terms such as CKALoss and RKD need several samples); the same data for every method."""
+    from torch.utils.data import Dataset, Subset
+
+    n_samples = num_samples(train)
+    if not isinstance(train, Dataset) or n_samples is None or 0 < n_samples % batch_size >= smallest:
+        return train
+    if n_samples % batch_size == 0 or n_samples < batch_size:
+        return train
+    return Subset(train, range(n_samples - n_samples % batch_size))
+
+
 def run_comparison(
     teacher: nn.Module,
     make_student: Callable[[int], nn.Module],
@@ -265,8 +281,9 @@ def run_comparison(
     feature terms written without ``@``; ``weights`` maps a method to the weight of its terms written
     without ``*weight``. A run that comes back interrupted (Ctrl-C, a stop request) ends the comparison:
     the finished runs are returned, with ``interrupted`` and ``missing`` set. ``callbacks(method, seed)``
-    gives extra callbacks per run (e.g. a live ``TrainingMonitor``). A short last batch is merged into
-    the one before it by ``fit`` (``last_batch="merge"``), so batch terms such as CKALoss get enough samples.
+    gives extra callbacks per run (e.g. a live ``TrainingMonitor``). A
+    ``Dataset`` whose last batch would hold fewer than 4 samples loses those samples (for every method
+    alike), since batch terms such as CKALoss need several.
 
     Example:
         >>> import torch
@@ -290,6 +307,7 @@ def run_comparison(
     for spec in specs:  # a layer that does not exist fails here, before anything trains
         check_method_layers(spec, teacher, untrained, feature_layers)
     weights = dict(weights or {})
+    train = _whole_batches(train, batch_size)
     rows, histories, results = [], {}, {}
 
     def measure(student: nn.Module, label: str) -> CKAResult:
