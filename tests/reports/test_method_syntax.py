@@ -95,3 +95,20 @@ def test_feature_layers_rule():
         check_feature_layers("blocks.*")
     with pytest.raises(ValueError, match="feature_layers must be a string"):
         check_feature_layers(3)
+
+
+def test_the_distill_report_checks_feature_layers_before_anything_runs():
+    from workbench import reports
+    from workbench.reports import declarations
+    from workbench.reports.values import ParameterError
+
+    values = {name: spec["default"] for name, spec in reports.report_parameters("distill").items()}
+    assert values["feature_layers"] == "auto"
+    values["student_kwargs"] = {"widths": [4, 8]}  # a 2-stage student: the check builds it, untrained
+    declarations.check_values("distill", {**values, "feature_layers": "blocks.1"}, models=True)
+    with pytest.raises(ParameterError, match=re.escape("parameter feature_layers = 'a:b:c'")):
+        declarations.check_values("distill", {**values, "feature_layers": "a:b:c"})
+    with pytest.raises(ParameterError, match=r"feature_layers.*student side: .*no layer matching 'blocks\.2'"):
+        declarations.check_values("distill", {**values, "feature_layers": "blocks.2"}, models=True)
+    with pytest.raises(ParameterError, match=r"parameter methods.*term 'at@blocks.2', student side"):
+        declarations.check_values("distill", {**values, "methods": ["kd", "at@blocks.2"]}, models=True)

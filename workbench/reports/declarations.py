@@ -53,6 +53,21 @@ def _datasets() -> tuple[str, ...]:
     return DATASETS
 
 
+def _feature_layers() -> Rule:
+    """The distill report's placement of feature terms written without ``@`` (workbench.reports.methods)."""
+    from workbench.reports.methods import check_feature_layers, layer_pairs
+
+    def check(value: Any, context: Context) -> None:
+        check_feature_layers(value)  # its ValueError says what to write instead
+
+    def check_models(value: Any, context: Context) -> None:
+        if value != "auto":  # the rule's layers exist on both built models
+            layer_pairs(value, context.model("teacher"), context.model("student"))
+
+    return Rule("auto (hints at the middle stage, AT at every stage, relation/CKA/ND terms at the last) | stages | "
+                "middle | last | a layer name | teacher_layer:student_layer", check, check_models, '"last"')
+
+
 _MODELS = {"teacher": ("teacher", "teacher_kwargs"), "student": ("student", "student_kwargs")}
 _SHARED = {
     "teacher": model_name("teacher"),
@@ -80,6 +95,7 @@ DECLARATIONS: dict[str, Declaration] = {
     }, _MODELS),
     "distill": Declaration({
         **_SHARED,
+        "feature_layers": _feature_layers(),  # before methods: a bad rule is blamed on itself, not on the methods
         "methods": method_list(),
         "seeds": seed_list(),
         "epochs": integer(1, example=40, what="student training epochs"),

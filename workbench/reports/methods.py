@@ -58,7 +58,7 @@ from workbench.train.distiller import Distiller
 
 __all__ = [
     "TERMS", "METHODS", "LAYER_RULES", "TermKind", "TermSpec", "MethodSpec", "Method", "PlannedTerm", "parse_method",
-    "check_feature_layers", "check_layer_rule", "plan_method", "check_method_layers", "stage_pairs",
+    "check_feature_layers", "check_layer_rule", "plan_method", "check_method_layers", "layer_pairs", "stage_pairs",
     "method_distiller", "describe_method", "describe_term", "teacher_class_means", "pooled", "EmbeddingNormDirection",
 ]
 
@@ -485,15 +485,38 @@ def check_method_layers(
         raise ValueError(f"method {str(spec)!r}: {error}") from None
     pairs = {}
     for item in planned:
-        if item.layers is None:
-            continue
-        for role, model, layer in (("teacher", teacher, item.layers[0]), ("student", student, item.layers[1])):
+        if item.layers is not None:
             try:
-                resolve_layers(model, layer)
-            except KeyError as error:
-                raise ValueError(f"method {str(spec)!r}, term {str(item.term)!r}, {role} side: "
-                                 f"{error.args[0]}") from None
-        pairs[item.column] = item.layers
+                _check_pair(item.layers, teacher, student)
+            except ValueError as error:
+                raise ValueError(f"method {str(spec)!r}, term {str(item.term)!r}, {error}") from None
+            pairs[item.column] = item.layers
+    return pairs
+
+
+def _check_pair(pair: tuple[str, str], teacher: nn.Module, student: nn.Module) -> None:
+    for role, model, layer in (("teacher", teacher, pair[0]), ("student", student, pair[1])):
+        try:
+            resolve_layers(model, layer)
+        except KeyError as error:
+            raise ValueError(f"{role} side: {error.args[0]}") from None
+
+
+def layer_pairs(rule: str, teacher: nn.Module, student: nn.Module) -> list[tuple[str, str]]:
+    """The ``(teacher layer, student layer)`` pairs a layer rule (``stages``, ``middle``, ``last``, a name,
+    ``teacher:student``) picks on these models; ``ValueError`` with the nearest names for a missing layer.
+
+    Example:
+        >>> from workbench import models
+        >>> layer_pairs("middle", models.create("cnn"), models.create("cnn", widths=(4, 8)))
+        [('blocks.1', 'blocks.0')]
+    """
+    pairs = _rule_pairs(check_layer_rule(rule), stage_names(teacher), stage_names(student))
+    for pair in pairs:
+        try:
+            _check_pair(pair, teacher, student)
+        except ValueError as error:
+            raise ValueError(f"layers {rule!r}, {error}") from None
     return pairs
 
 
