@@ -24,7 +24,6 @@ from workbench.data import num_samples
 from workbench.files import write_atomic
 from workbench.probes.cka_result import CKAResult
 from workbench.probes.cka_stream import cka_matrix
-from workbench.reports import progress as progress_events
 from workbench.reports.methods import (  # METHODS, Method, _middle, method_distiller moved there; re-exported
     METHODS, Method, MethodSpec, _middle, check_feature_layers, check_method_layers, describe_method,  # noqa: F401
     method_distiller, parse_method,
@@ -238,19 +237,6 @@ class Comparison:
         return write_atomic(path, "\n".join(text) + "\n")
 
 
-def _whole_batches(train: Any, batch_size: int, smallest: int = 4) -> Any:
-    """``train`` without its last few samples when they would make a last batch of fewer than ``smallest``
-    (batch terms such as CKALoss and RKD need several samples); the same data for every method."""
-    from torch.utils.data import Dataset, Subset
-
-    n_samples = num_samples(train)
-    if not isinstance(train, Dataset) or n_samples is None or 0 < n_samples % batch_size >= smallest:
-        return train
-    if n_samples % batch_size == 0 or n_samples < batch_size:
-        return train
-    return Subset(train, range(n_samples - n_samples % batch_size))
-
-
 def run_comparison(
     teacher: nn.Module,
     make_student: Callable[[int], nn.Module],
@@ -281,9 +267,8 @@ def run_comparison(
     feature terms written without ``@``; ``weights`` maps a method to the weight of its terms written
     without ``*weight``. A run that comes back interrupted (Ctrl-C, a stop request) ends the comparison:
     the finished runs are returned, with ``interrupted`` and ``missing`` set. ``callbacks(method, seed)``
-    gives extra callbacks per run (e.g. a live ``TrainingMonitor``). A
-    ``Dataset`` whose last batch would hold fewer than 4 samples loses those samples (for every method
-    alike), since batch terms such as CKALoss need several.
+    gives extra callbacks per run (e.g. a live ``TrainingMonitor``). A short last batch is merged into
+    the one before it by ``fit`` (``last_batch="merge"``), so batch terms such as CKALoss get enough samples.
 
     Example:
         >>> import torch
@@ -307,7 +292,6 @@ def run_comparison(
     for spec in specs:  # a layer that does not exist fails here, before anything trains
         check_method_layers(spec, teacher, untrained, feature_layers)
     weights = dict(weights or {})
-    train = _whole_batches(train, batch_size)
     rows, histories, results = [], {}, {}
 
     def measure(student: nn.Module, label: str) -> CKAResult:
@@ -319,7 +303,6 @@ def run_comparison(
     uses_taid = any(term.name == "taid" for spec in specs for term in spec.terms)
     total_steps = _total_steps(train, batch_size, epochs) if uses_taid else None
     interrupted = None
-    progress_events.emit("plan", runs=len(methods) * len(seeds), epochs=epochs)  # for the CLI's time left
     for method in methods:
         for seed in seeds:
             student = make_student(seed)
@@ -328,8 +311,7 @@ def run_comparison(
             started = time.perf_counter()
             history = fit(model, train, test, epochs=epochs, lr=lr, batch_size=batch_size, schedule="cosine",
                           seed=seed, device=device, progress=progress,
-                          callbacks=[*(callbacks(method, seed) if callbacks else ()),
-                                     *progress_events.fit_callbacks(method=method, seed=seed)])
+                          callbacks=callbacks(method, seed) if callbacks else ())
             seconds = time.perf_counter() - started
             if history.attrs.get("interrupted"):  # Ctrl-C or a stop request: keep what ran, start nothing new
                 histories[(method, seed)] = history
@@ -346,7 +328,6 @@ def run_comparison(
                 log(f"{method} seed {seed}: test accuracy {score:.2%} in {seconds:.1f} s")
         if interrupted is not None:
             break
-    progress_events.emit("plan_end")
     settings = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seeds": list(seeds), "weights": weights,
                 "feature_layers": feature_layers, "train_samples": num_samples(train)}
     runs = pd.DataFrame(rows, columns=["method", "seed", "accuracy", "matched_cka", "seconds"])
