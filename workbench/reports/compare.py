@@ -24,6 +24,7 @@ from workbench.data import num_samples
 from workbench.files import write_atomic
 from workbench.probes.cka_result import CKAResult
 from workbench.probes.cka_stream import cka_matrix
+from workbench.reports import progress as progress_events
 from workbench.reports.methods import (  # METHODS, Method, _middle, method_distiller moved there; re-exported
     METHODS, Method, MethodSpec, _middle, check_feature_layers, check_method_layers, describe_method,  # noqa: F401
     method_distiller, parse_method,
@@ -303,6 +304,7 @@ def run_comparison(
     uses_taid = any(term.name == "taid" for spec in specs for term in spec.terms)
     total_steps = _total_steps(train, batch_size, epochs) if uses_taid else None
     interrupted = None
+    progress_events.emit("plan", runs=len(methods) * len(seeds), epochs=epochs)  # for the CLI's time left
     for method in methods:
         for seed in seeds:
             student = make_student(seed)
@@ -311,7 +313,8 @@ def run_comparison(
             started = time.perf_counter()
             history = fit(model, train, test, epochs=epochs, lr=lr, batch_size=batch_size, schedule="cosine",
                           seed=seed, device=device, progress=progress,
-                          callbacks=callbacks(method, seed) if callbacks else ())
+                          callbacks=[*(callbacks(method, seed) if callbacks else ()),
+                                     *progress_events.fit_callbacks(method=method, seed=seed)])
             seconds = time.perf_counter() - started
             if history.attrs.get("interrupted"):  # Ctrl-C or a stop request: keep what ran, start nothing new
                 histories[(method, seed)] = history
@@ -328,6 +331,7 @@ def run_comparison(
                 log(f"{method} seed {seed}: test accuracy {score:.2%} in {seconds:.1f} s")
         if interrupted is not None:
             break
+    progress_events.emit("plan_end")
     settings = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seeds": list(seeds), "weights": weights,
                 "feature_layers": feature_layers, "train_samples": num_samples(train)}
     runs = pd.DataFrame(rows, columns=["method", "seed", "accuracy", "matched_cka", "seconds"])
