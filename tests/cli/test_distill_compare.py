@@ -17,9 +17,9 @@ from workbench.losses import KD, FitNet
 from workbench.reports.compare import METHODS, Comparison, command_line, method_distiller, run_comparison
 from workbench.train import Distiller
 
-# 2 methods, 1 seed, 1 epoch, 128 training images, tiny models: well under a minute with the kernel start
-SMALL = ["-p", "methods=[\"student\", \"kd\"]", "-p", "seeds=[0]", "-p", "epochs=1", "-p", "n_train=128",
-         "-p", "n_probe=64", "-p", "teacher=cnn_small", "-p", "teacher_epochs=1", "-p", 'student_kwargs={"widths": [4, 8]}',
+# 3 methods (one a composite), 1 seed, 1 epoch, 128 training images, tiny models: under a minute with the kernel
+SMALL = ["-p", "methods=[\"student\", \"kd\", \"kd*0.5+fitnet@blocks.1\"]", "-p", "seeds=[0]", "-p", "epochs=1",
+         "-p", "n_train=128", "-p", "n_probe=64", "-p", "teacher=cnn_small", "-p", "teacher_epochs=1", "-p", 'student_kwargs={"widths": [4, 8]}',
          "-p", "batch_size=32"]
 
 
@@ -99,12 +99,14 @@ def test_distill_report_runs_end_to_end(tmp_path, dataset):
     assert not [o for o in outputs if o.output_type == "stream" and o.name == "stderr" and "Traceback" in o.text]
     markdown = "\n".join(o.data["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {}))
     assert "| student |" in markdown and "| kd |" in markdown and "| *teacher* |" in markdown
+    assert "| kd\\*0.5+fitnet@blocks.1 |" in markdown
     mimes = {mime for o in outputs for mime in o.get("data", {})}
     assert {"application/vnd.plotly.v1+json", "image/png"} <= mimes
     page = html.read_text(encoding="utf-8")
-    assert "<td>kd</td>" in page  # the table, rendered
+    assert "<td>kd</td>" in page and "<td>kd*0.5+fitnet@blocks.1</td>" in page  # the table, rendered
     written = table.read_text()
     assert "| kd |" in written and "kd-workbench report distill" in written and "'seeds=[0]'" in written
+    assert "- `kd*0.5+fitnet@blocks.1`: CE + 0.5 × KD(T=4) on the logits" in written
 
 
 def test_run_comparison_refuses_bad_method_and_seed_lists_before_training(conv_pair):

@@ -314,3 +314,12 @@ def test_an_interruption_in_the_first_run_gives_an_empty_table(monkeypatch, data
     assert result.runs.empty and result.table().empty and result.missing == [("student", 0), ("kd", 0)]
     assert "**Interrupted** (KeyboardInterrupt) in `student` seed 0 at epoch 1, step 1: 2 of 2 runs missing" in \
         result.to_markdown()
+
+
+def test_a_weighted_method_renders_as_written_in_the_markdown_table():
+    import mistune
+
+    runs = pd.DataFrame({"method": ["student", "kd*0.5+rkd@last*2"], "seed": [0, 0], "accuracy": [0.5, 0.6],
+                         "matched_cka": [0.1, 0.2], "seconds": [1.0, 1.0]})
+    html = mistune.html(compare.Comparison(runs).to_markdown())
+    assert "<td>kd*0.5+rkd@last*2</td>" in html and "<em>" not in html

@@ -159,7 +159,8 @@ class Comparison:
             wins = f"{int(row['wins'])}/{int(row['paired_seeds'])}" if compared else "—"
             cka = "—" if np.isnan(row["matched_cka"]) else f"{row['matched_cka']:.3f}"
             spread = "n/a" if np.isnan(row["accuracy_std"]) else f"{row['accuracy_std']:.2f}"
-            label = name + "".join(f" (*{mark}*)" for mark in dict.fromkeys(marks.get(name, [])))
+            label = name.replace("*", "\\*")  # a method's weight star is not emphasis
+            label += "".join(f" (*{mark}*)" for mark in dict.fromkeys(marks.get(name, [])))
             lines.append(f"| {label} | {row['accuracy_mean']:.2f} ± {spread} | {delta} | {wins} "
                          f"| {cka} | {int(row['seeds'])} |")
         if self.teacher_accuracy is not None:
