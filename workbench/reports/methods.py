@@ -45,6 +45,7 @@ import inspect
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -441,23 +442,22 @@ def plan_method(
         [('kd', None, 1.0), ('at@t0:s0', ('t0', 's0'), 1000.0), ('at@t1:s1', ('t1', 's1'), 1000.0)]
     """
     spec, feature_layers = _spec(method), check_feature_layers(feature_layers)
-    planned: list[tuple[str, TermSpec, tuple[str, str] | None, float]] = []
+    planned: list[tuple[TermSpec, tuple[str, str] | None, float]] = []
     for term in spec.terms:
         kind = term.kind
         chosen = term.weight if term.weight is not None else kind.weight if weight is None else float(weight)
         if kind.kind == "logits":
-            planned.append((term.name, term, None, chosen))
+            planned.append((term, None, chosen))
             continue
         rule = term.layers or (kind.placement if feature_layers == "auto" else feature_layers)
-        for teacher_layer, student_layer in _rule_pairs(rule, teacher_stages, student_stages):
-            label = student_layer if teacher_layer == student_layer else f"{teacher_layer}:{student_layer}"
-            planned.append((f"{term.name}@{label.replace('.', '_')}", term, (teacher_layer, student_layer), chosen))
-    counts: dict[str, int] = {}
-    for base, *_ in planned:
-        counts[base.split("@")[0]] = counts.get(base.split("@")[0], 0) + 1
+        planned += [(term, pair, chosen) for pair in _rule_pairs(rule, teacher_stages, student_stages)]
+    uses = Counter(term.name for term, _, _ in planned)
     result, seen = [], set()
-    for column, term, layers, chosen in planned:
-        column = column.split("@")[0] if counts[column.split("@")[0]] == 1 else column
+    for term, layers, chosen in planned:
+        column = term.name
+        if uses[term.name] > 1 and layers is not None:
+            label = layers[1] if layers[0] == layers[1] else f"{layers[0]}:{layers[1]}"
+            column = f"{term.name}@{label.replace('.', '_')}"
         unique, number = column, 2
         while unique in seen:
             unique, number = f"{column}_{number}", number + 1
