@@ -119,7 +119,13 @@ def declaration(report: Any) -> Declaration | None:
         >>> sorted(declaration("gap").models)
         ['student', 'teacher']
     """
-    return DECLARATIONS.get(getattr(report, "name", report))
+    if isinstance(report, str):
+        return DECLARATIONS.get(report)
+    from workbench.reports.runner import REPORTS
+
+    registered = REPORTS.get(report.name)  # a notebook given by path may share a report's name, not its rules
+    same = registered is not None and registered.notebook == report.notebook
+    return DECLARATIONS.get(report.name) if same else None
 
 
 def allowed(report: Any, name: str) -> str:
