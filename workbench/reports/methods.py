@@ -24,7 +24,13 @@ Syntax (spaces allowed between the parts)::
   A feature term written without ``@`` takes the report's ``feature_layers`` (``"auto"``: its own
   placement in :data:`TERMS` — hints at the middle stage, attention transfer at every stage, relation,
   CKA and ND terms at the last stage).
-- weight: a number ≥ 0 (default: the term's weight in :data:`TERMS`, e.g. 1000 for ``at``).
+- weight: a number ≥ 0 (default: the term's weight in :data:`TERMS`): ``at`` 1000 (β = 10³ of the
+  authors' code, RepDistiller's ``-b 1000``), ``sp`` 3000 (the paper's γ, RepDistiller's ``-b 3000``),
+  ``pkt`` 30000 (RepDistiller's ``-b 30000``), ``dist`` 2, every other term 1 (``nd``: the authors'
+  ``nd_weight=1.0``). Settings default to the term class's own (the papers', see each docstring).
+- ``nd`` works on pooled embeddings (:class:`EmbeddingNormDirection`) with the teacher's class means
+  over the training data (:func:`method_distiller`'s ``data=``); ``taid`` gets the run's step count for
+  its schedule (``total_steps=``), as :func:`workbench.reports.run_comparison` passes them.
 
 Examples: ``"kd"``, ``"kd(T=2)"``, ``"kd+fitnet@blocks.1"``, ``"at@stages"``, ``"kd*0.5+rkd@last*2"``,
 ``"fitnet@layer2:blocks.1"``. In a shell: ``-p 'methods=["student", "kd+fitnet@blocks.1", "at@stages"]'``.
