@@ -141,3 +141,15 @@ def test_the_notebooks_check_cell_stops_a_bad_value_before_training(tmp_path, mo
         execute_notebook(reports.REPORTS[report].notebook, output, bad)
     assert "check_notebook" in str(getattr(failure.value, "source", failure.value))
     assert not (tmp_path / "cache").exists()  # nothing was trained or cached
+
+
+def test_a_notebook_given_by_path_is_not_held_to_a_reports_rules(executor, tmp_path):
+    """Only the registered notebooks have declarations: another gap.ipynb keeps its own parameters."""
+    import nbformat
+
+    notebook = tmp_path / "gap.ipynb"
+    cell = nbformat.v4.new_code_cell('kernel: str = "cosine"', metadata={"tags": ["parameters"]})
+    nbformat.write(nbformat.v4.new_notebook(cells=[cell]), str(notebook))
+    reports.run_report(str(notebook), {"kernel": "cosine"}, tmp_path / "out")
+    assert executor == [{"kernel": "cosine"}]
+    assert declarations.declaration(reports.get_report("gap")) is declarations.DECLARATIONS["gap"]
