@@ -268,3 +268,27 @@ def test_the_jupyter_interrupt_button_ends_fit_without_a_traceback(tmp_path):
     finally:
         client.stop_channels()
         manager.shutdown_kernel(now=True)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with the Gloo backend")
+def test_under_torchrun_a_stop_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """Without agreeing, rank 1 would start step 7 alone and wait forever in its all-reduce."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun) if torchrun.exists() else shutil.which("torchrun") or "torchrun",
+               "--nproc_per_node=2", "--standalone", str(here / "ddp_stop_worker.py"), str(tmp_path / "rank")]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(here.parents[1]), str(here)])}
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=180, env=environment)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank.{rank}.json").read_text()) for rank in (0, 1)]
+    for found in ranks:
+        assert found["samples"] == [16, 16, 16, 19, 16, 16]  # each rank's share, the tail merged
+    assert ranks[0]["interrupted"] == {"epoch": 2, "step": 6, "reason": "stop button"}
+    assert ranks[1]["interrupted"] == {"epoch": 2, "step": 6, "reason": "stopped on another rank"}
