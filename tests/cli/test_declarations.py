@@ -149,7 +149,8 @@ def test_a_notebook_given_by_path_is_not_held_to_a_reports_rules(executor, tmp_p
 
     notebook = tmp_path / "gap.ipynb"
     cell = nbformat.v4.new_code_cell('kernel: str = "cosine"', metadata={"tags": ["parameters"]})
-    nbformat.write(nbformat.v4.new_notebook(cells=[cell]), str(notebook))
+    kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nbformat.v4.new_notebook(cells=[cell], metadata={"kernelspec": kernelspec}), str(notebook))
     reports.run_report(str(notebook), {"kernel": "cosine"}, tmp_path / "out")
     assert executor == [{"kernel": "cosine"}]
     assert declarations.declaration(reports.get_report("gap")) is declarations.DECLARATIONS["gap"]
