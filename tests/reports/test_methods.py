@@ -250,7 +250,7 @@ def test_run_comparison_takes_composites_and_every_term(tmp_path, data):
     path = result.save_markdown(tmp_path / "t.md")
     text = path.read_text()
     assert "- `kd*0.5+fitnet@blocks.1`: CE + 0.5 × KD(T=4) on the logits" in text
-    assert "- `at@stages`: CE + 1000 × attention transfer (p=2) at every stage pair" in text
+    assert "- `at@stages`: CE + 10 × attention transfer (p=2) at every stage pair" in text  # weights= shown
     assert "feature_layers='auto'" in text
 
 

@@ -235,7 +235,9 @@ class Comparison:
                  "(the seed sets the student's initial weights and the batch order). Matched-stage CKA: "
                  "mean debiased linear CKA of teacher stage i and student stage i on the probe images.", ""]
         feature_layers = self.settings.get("feature_layers", "auto")
-        text += ["Methods:", ""] + [f"- `{name}`: {describe_method(name, feature_layers)}" for name in self.methods]
+        weights = self.settings.get("weights") or {}
+        text += ["Methods:", ""] + [f"- `{name}`: {describe_method(name, feature_layers, weights.get(name))}"
+                                    for name in self.methods]
         return write_atomic(path, "\n".join(text) + "\n")
 
 

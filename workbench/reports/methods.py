@@ -634,15 +634,16 @@ def _where(rule: str) -> str:
     return f"between teacher {teacher_layer} and student {student_layer}" if student_layer else f"at {rule}"
 
 
-def describe_term(term: TermSpec, feature_layers: str = "auto") -> str:
-    """One term in words, e.g. ``"0.5 × KD(T=2) on the logits (Hinton et al. 2015)"``.
+def describe_term(term: TermSpec, feature_layers: str = "auto", weight: float | None = None) -> str:
+    """One term in words, e.g. ``"0.5 × KD(T=2) on the logits (Hinton et al. 2015)"`` (``weight``: the
+    weight of a term written without ``*weight``, as :func:`method_distiller`'s).
 
     Example:
         >>> describe_term(parse_method("at@stages").terms[0])
         '1000 × attention transfer (p=2) at every stage pair (Zagoruyko & Komodakis 2017)'
     """
     kind = term.kind
-    weight = kind.weight if term.weight is None else term.weight
+    weight = term.weight if term.weight is not None else kind.weight if weight is None else weight
     defaults = {key: p.default for key, p in kind.keywords().items()}
     values = {**{key: defaults[key] for key in kind.shown}, **kind.settings, **dict(term.settings)}
     shown = ", ".join(f"{GREEK.get(key, key)}={_number(value)}" for key, value in values.items())
@@ -654,22 +655,23 @@ def describe_term(term: TermSpec, feature_layers: str = "auto") -> str:
     return f"{_number(float(weight)) + ' × ' if weight != 1 else ''}{label} {where} ({kind.paper})"
 
 
-def describe_method(method: str | MethodSpec, feature_layers: str = "auto") -> str:
-    """``method`` in words, for the results table's "Methods:" list (a named method keeps its description).
+def describe_method(method: str | MethodSpec, feature_layers: str = "auto", weight: float | None = None) -> str:
+    """``method`` in words, for the results table's "Methods:" list (a named method keeps its description
+    unless ``weight`` or ``feature_layers`` change it; ``weight`` as :func:`method_distiller`'s).
 
     Example:
         >>> describe_method("kd(T=2)*0.5+fitnet@blocks.1")
         'CE + 0.5 × KD(T=2) on the logits (Hinton et al. 2015) + FitNet hint (1×1-conv projector, MSE) at blocks.1 (Romero et al. 2015)'
-        >>> describe_method("dkd")
-        'CE + DKD(α=1, β=8, T=4) on the logits (Zhao et al. 2022)'
+        >>> describe_method("dkd"), describe_method("dkd", weight=2)
+        ('CE + DKD(α=1, β=8, T=4) on the logits (Zhao et al. 2022)', 'CE + 2 × DKD(α=1, β=8, T=4) on the logits (Zhao et al. 2022)')
     """
-    if isinstance(method, str) and method in METHODS and (feature_layers == "auto" or METHODS[method].make is None
-                                                          or TERMS[method].kind == "logits"):
+    placed = feature_layers == "auto" or method not in TERMS or TERMS[method].kind == "logits"
+    if isinstance(method, str) and method in METHODS and placed and weight is None:
         return METHODS[method].description
     spec = _spec(method)
     if not spec.terms:
         return METHODS["student"].description
-    return "CE + " + " + ".join(describe_term(term, feature_layers) for term in spec.terms)
+    return "CE + " + " + ".join(describe_term(term, feature_layers, weight) for term in spec.terms)
 
 
 TermsAndLayers = tuple[dict[str, tuple[nn.Module, float]], dict[str, tuple[str, str]]]
