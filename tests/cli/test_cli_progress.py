@@ -60,6 +60,11 @@ def test_the_time_left_is_the_remaining_steps_at_the_rate_so_far():
     ]
     for event in events:
         state.feed(event)
+    between = ProgressState()
+    for event in events[:4]:
+        between.feed(event)
+    # after the first run: 40 of 120 steps in 20 s -> 80 left at 2 steps/s
+    assert between.line() == "1/3 runs done | about 40 s left"
     # 3 runs × 4 epochs × 10 steps = 120; done 40 + 10 = 50 in 25 s: 2 steps/s, 70 left -> 35 s
     assert state.seconds_left() == pytest.approx(70 / (50 / 25))
     assert "kd seed 0 | epoch 1/4 | run 2/3 | about 35 s left" in state.line()

@@ -124,6 +124,8 @@ class ProgressState:
         parts = [self._cell_text()] if self.cell else []
         if self.run is not None:
             parts += self._run_text()
+        elif self.plan is not None:  # between two runs (measuring the last one)
+            parts.append(f"{self.runs_done}/{self.plan['runs']} runs done")
         left = self.seconds_left()
         if left is not None and (self.run is not None or self.plan is not None):
             parts.append(f"about {format_seconds(left)} left")
