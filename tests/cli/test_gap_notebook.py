@@ -80,11 +80,13 @@ def test_gap_report_runs_end_to_end(cache, tmp_path):
 
 @pytest.mark.slow
 def test_failing_report_exits_nonzero_and_keeps_the_partial_notebook(cache, tmp_path):
-    done = _cli([*SMALL, "-p", "teacher_layers", '["blocks.9"]'], cache, tmp_path)
+    refused = _cli([*SMALL, "-p", "teacher_layers", '["blocks.9"]'], cache, tmp_path)  # checked before the run
+    assert refused.returncode == 2 and "blocks.9" in refused.stderr and not (tmp_path / "gap").exists()
+    done = _cli(["-p", "n_samples=34", *SMALL[2:]], cache, tmp_path)  # batches of 32: CKA gets a last batch of 2
     assert done.returncode == 1
-    assert "blocks.9" in done.stderr
+    assert "last batch of 2" in done.stderr
     path = Path(re.search(r"partial notebook: (\S+)", done.stderr)[1])
     assert path.is_file() and path.parent.parent == tmp_path / "gap"
     nb = nbformat.read(str(path), as_version=4)
     errors = [o for o in _outputs(nb) if o.output_type == "error"]
-    assert errors and errors[0].ename == "KeyError"
+    assert errors and errors[0].ename == "ValueError"
