@@ -180,7 +180,7 @@ class GapExplorer(ipywidgets.VBox):
         self.colour_range = ipywidgets.ToggleButtons(
             options=COLOUR_RANGES, value="fixed", description="colours",
             tooltips=["the colour scale spans 0 to 1", "the colour scale spans the matrix's min to max"],
-            style={"button_width": "76px", "description_width": "initial"},
+            style={"button_width": "96px", "description_width": "initial"},
         )
         self.compute_button = ipywidgets.Button(
             description="Compute", button_style="primary", icon="play", tooltip="compute the CKA matrix"
@@ -208,7 +208,7 @@ class GapExplorer(ipywidgets.VBox):
         settings = ipywidgets.VBox(
             [self.kernel, self.debiased, self.n_samples, self.colour_range,
              ipywidgets.HBox([self.compute_button, self.cancel_button], layout=ipywidgets.Layout(max_width="100%"))],
-            layout=ipywidgets.Layout(flex="0 1 250px", min_width="0", max_width="100%"),
+            layout=ipywidgets.Layout(flex="0 1 240px", min_width="0", max_width="100%"),
         )
         progress_row = ipywidgets.HBox([self.progress, self.progress_text],
                                        layout=ipywidgets.Layout(max_width="100%", width="100%"))
@@ -222,6 +222,11 @@ class GapExplorer(ipywidgets.VBox):
             layout=ipywidgets.Layout(width="100%", max_width="100%"),
         )
         self.add_class("kd-gap-explorer")
+        for widget, name in ((self.status, "kd-status"), (self.progress_text, "kd-progress-text"),
+                             (self.compute_button, "kd-compute"), (self.cancel_button, "kd-cancel"),
+                             (self.colour_range, "kd-colour-range"), (self.heatmap, "kd-heatmap"),
+                             (self.row_plot, "kd-row-plot")):
+            widget.add_class(name)  # for the browser test and for styling
         self._render_status()
 
     def _picker(self, model: nn.Module, data: object, selector: object, role: str, notes: list[str]) -> LayerPicker:
@@ -448,12 +453,6 @@ class GapExplorer(ipywidgets.VBox):
     def _show_heatmap(self, result: CKAResult) -> None:
         """Replace the heatmap's trace and layout by those of ``result.figure()``, in place."""
         fresh = result.figure()
-        fresh.update_layout(
-            title={"text": "<br>".join(textwrap.wrap(result.title, TITLE_CHARACTERS))},
-            height=min(fresh.layout.height or MAX_HEATMAP_HEIGHT, MAX_HEATMAP_HEIGHT),
-            autosize=True, width=None, margin={"l": 10, "r": 10, "t": 80, "b": 10},
-            xaxis={"automargin": True}, yaxis={"automargin": True},
-        )
         new_trace = fresh.data[0].to_plotly_json()
         trace = self.heatmap.data[0]
         stale = set(trace.to_plotly_json()) - set(new_trace)
@@ -461,7 +460,12 @@ class GapExplorer(ipywidgets.VBox):
             for name in stale - {"type", "uid"}:
                 trace[name] = None  # e.g. cell text, which large matrices go without
             trace.update({name: value for name, value in new_trace.items() if name not in ("type", "uid")})
-            self.heatmap.layout = fresh.layout
+            # the figure's own layout keys only: no width, so the figure keeps its container's width
+            self.heatmap.update_layout(
+                title={"text": "<br>".join(textwrap.wrap(result.title, TITLE_CHARACTERS))},
+                height=min(fresh.layout.height or MAX_HEATMAP_HEIGHT, MAX_HEATMAP_HEIGHT),
+                xaxis=fresh.layout.xaxis.to_plotly_json(), yaxis=fresh.layout.yaxis.to_plotly_json(),
+            )
             self._apply_colour_range()
 
     def colour_limits(self) -> tuple[float, float]:
@@ -530,7 +534,10 @@ class GapExplorer(ipywidgets.VBox):
 def _empty_figures() -> tuple[go.FigureWidget, go.FigureWidget]:
     """The heatmap and the row plot before anything is computed; both take their container's width."""
     heatmap = go.FigureWidget(go.Heatmap(z=[[]], colorscale="Magma"))
-    heatmap.update_layout(height=320, title="CKA: not computed yet", autosize=True)
+    heatmap.update_layout(
+        height=320, title="CKA: not computed yet", autosize=True, margin={"l": 10, "r": 30, "t": 80, "b": 10},
+        xaxis={"automargin": True}, yaxis={"automargin": True},
+    )
     row_plot = go.FigureWidget(go.Bar(x=[], y=[], marker={"color": []}))
     row_plot.update_layout(
         height=300,
@@ -538,8 +545,10 @@ def _empty_figures() -> tuple[go.FigureWidget, go.FigureWidget]:
         title="click a heatmap cell to see that teacher<br>layer against every student layer",
         xaxis={"title": {"text": "student layer"}, "type": "category", "automargin": True},
         yaxis={"title": {"text": "CKA"}, "automargin": True},
-        margin={"l": 10, "r": 10, "t": 80, "b": 10},
+        margin={"l": 10, "r": 30, "t": 80, "b": 10},
     )
+    for figure in (heatmap, row_plot):
+        figure._config = {**figure._config, "responsive": True}  # plotly.js follows the window's width
     return heatmap, row_plot
 
 

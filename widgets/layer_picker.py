@@ -96,22 +96,27 @@ class LayerPicker(ipywidgets.VBox):
         self.filter = ipywidgets.Text(
             placeholder="filter: glob (layer*.0, **conv*) or text",
             continuous_update=True,
-            layout=ipywidgets.Layout(width="100%"),
+            layout=ipywidgets.Layout(width="100%", margin="2px 0"),  # a side margin would stick out
         )
         self.view = ipywidgets.ToggleButtons(
             options=VIEWS, value=view, tooltips=list(_VIEW_TOOLTIPS),
             style={"button_width": "64px"}, layout=ipywidgets.Layout(width="auto", max_width="100%"),
         )
-        self.select = ipywidgets.SelectMultiple(options=[], rows=rows, layout=ipywidgets.Layout(width="100%"))
+        self.select = ipywidgets.SelectMultiple(
+            options=[], rows=rows, layout=ipywidgets.Layout(width="100%", margin="2px 0")
+        )
         self.count = ipywidgets.HTML()
         self.filter.observe(self._refresh, names="value")
         self.view.observe(self._refresh, names="value")
         self.select.observe(self._on_select, names="value")
         super().__init__(
             [self.title, self.filter, self.view, self.select, self.count],
-            layout=ipywidgets.Layout(flex="1 1 300px", min_width="0", max_width="100%"),
+            layout=ipywidgets.Layout(flex="1 1 280px", min_width="0", max_width="100%"),
         )
         self.add_class("kd-layer-picker")
+        self.filter.add_class("kd-layer-filter")
+        self.view.add_class("kd-layer-view")
+        self.count.add_class("kd-layer-count")
         self.set_trait("value", initial)
         self._refresh()
 
