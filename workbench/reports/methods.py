@@ -28,6 +28,8 @@ Syntax (spaces allowed between the parts)::
   authors' code, RepDistiller's ``-b 1000``), ``sp`` 3000 (the paper's γ, RepDistiller's ``-b 3000``),
   ``pkt`` 30000 (RepDistiller's ``-b 30000``), ``dist`` 2, every other term 1 (``nd``: the authors'
   ``nd_weight=1.0``). Settings default to the term class's own (the papers', see each docstring).
+  Those weights were tuned for SGD on CIFAR ResNets; with the report's AdamW on its small CNNs the
+  large ones can swamp the cross-entropy, so compare a few (``at*1``, ``sp*30``, ``pkt*3000``).
 - ``nd`` works on pooled embeddings (:class:`EmbeddingNormDirection`) with the teacher's class means
   over the training data (:func:`method_distiller`'s ``data=``); ``taid`` gets the run's step count for
   its schedule (``total_steps=``), as :func:`workbench.reports.run_comparison` passes them.
