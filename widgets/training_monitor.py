@@ -252,6 +252,7 @@ class TrainingMonitor(ipywidgets.VBox, Callback):
         if state is not None and self.runs:
             self.runs[-1].rows = list(state.rows)
         if not self.runs:
+            self._ui(self._draw, [], [], None, "no runs: waiting for fit(..., callbacks=[monitor]) to start", True)
             return
         # built here, in the training thread; only applied in the kernel's (see run())
         cka = None
