@@ -98,14 +98,21 @@ def test_distill_report_runs_end_to_end(tmp_path, dataset):
     assert not [o for o in outputs if o.output_type == "error"]
     assert not [o for o in outputs if o.output_type == "stream" and o.name == "stderr" and "Traceback" in o.text]
     markdown = "\n".join(o.data["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {}))
-    assert "| student |" in markdown and "| kd |" in markdown and "| *teacher* |" in markdown
-    assert "| kd\\*0.5+fitnet@blocks.1 |" in markdown
+    # one epoch: every method is flagged as not converged and marked so; one seed: no spread
+    assert "| student (*not converged*)" in markdown and "| kd (*not converged*)" in markdown
+    assert "| *teacher* (*not converged*)" in markdown  # the teacher trained a single epoch too
+    assert "| kd\\*0.5+fitnet@blocks.1 (*not converged*)" in markdown
+    assert " ± n/a |" in markdown and "± 0.00" not in markdown and "**Not conclusive" in markdown
+    box = next(cell for cell in nb.cells if cell.get("id") == "sanity-box").outputs[0].data["text/markdown"]
+    assert box.startswith("**Sanity checks: ") and "- **method `kd`**: trained a single epoch" in box
+    assert "Train longer: -p epochs=" in box and "| teacher | `cnn_small` | 6,274 |" in box
     mimes = {mime for o in outputs for mime in o.get("data", {})}
     assert {"application/vnd.plotly.v1+json", "image/png"} <= mimes
     page = html.read_text(encoding="utf-8")
-    assert "<td>kd</td>" in page and "<td>kd*0.5+fitnet@blocks.1</td>" in page  # the table, rendered
+    assert "<td>kd (<em>not converged</em>)" in page  # the table, rendered
+    assert "<td>kd*0.5+fitnet@blocks.1 (<em>not converged</em>)" in page
     written = table.read_text()
-    assert "| kd |" in written and "kd-workbench report distill" in written and "'seeds=[0]'" in written
+    assert "| kd (*not converged*)" in written and "kd-workbench report distill" in written and "'seeds=[0]'" in written
     assert "- `kd*0.5+fitnet@blocks.1`: CE + 0.5 × KD(T=4) on the logits" in written
 
 

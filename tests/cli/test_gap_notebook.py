@@ -10,13 +10,16 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 
 from workbench import reports
 
 NOTEBOOK = reports.REPORTS["gap"].notebook
 # Tiny models and few samples: the whole run, training included, takes well under a minute.
-SMALL = ["-p", "n_samples=64", "-p", "batch_size=32", "-p", "epochs=1", "-p", "teacher=cnn_small",
-         "-p", "student=cnn_small", "-p", 'student_kwargs={"widths": [4, 8]}']
+SMALL = ["-p", "n_samples=64", "-p", "batch_size=32", "-p", "teacher_epochs=1", "-p", "student_epochs=1",
+         "-p", "teacher=cnn_small", "-p", "student=cnn_small", "-p", 'student_kwargs={"widths": [4, 8]}']
+# The acceptance run: a ViT student on a small budget (one epoch) must be flagged, its conclusions withheld.
+VIT_SMALL = [*SMALL[:-4], "-p", "student=vit"]
 
 
 def test_notebook_holds_the_report():
@@ -47,7 +50,7 @@ def _outputs(nb):
 def test_gap_report_runs_end_to_end(cache, tmp_path):
     from plotly.offline import get_plotlyjs
 
-    done = _cli(SMALL, cache, tmp_path)
+    done = _cli(VIT_SMALL, cache, tmp_path)
     assert done.returncode == 0, done.stderr
     (run_dir,) = (tmp_path / "gap").iterdir()
     notebook, html = run_dir / "report.ipynb", run_dir / "report.html"
@@ -62,8 +65,23 @@ def test_gap_report_runs_end_to_end(cache, tmp_path):
     assert injected and "n_samples = 64" in injected[0]
     mimes = {mime for o in outputs for mime in o.get("data", {})}
     assert {"application/vnd.plotly.v1+json", "image/png", "text/markdown"} <= mimes
-    summary = [o.data["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
-    assert "agrees with the teacher" in summary[0] and "of 64 samples" in summary[0]
+    box, summary = [o.data["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})][:2]
+    assert "agrees with the teacher" in summary and "of 64 samples" in summary
+
+    # the sanity box is the first output, after the title and the parameters, updated once the models were measured
+    first_output = next(cell for cell in nb.cells if cell.cell_type == "code" and cell.outputs)
+    assert first_output.id == "sanity-box" and first_output.outputs[0].data["text/markdown"] == box
+    assert box.startswith("**Sanity checks: ") and "withheld" in box
+    assert "- **student `vit`**: trained a single epoch" in box and "for the vit recipe's 30 epochs" in box
+    from workbench.models import count_flops, count_parameters, create_sized
+
+    vit = create_sized("vit", 32, in_chans=1, num_classes=10)
+    flops = count_flops(vit, torch.zeros(1, 1, 32, 32)) / 1e6
+    assert f"| student | `vit` | {count_parameters(vit):,} | {flops:.2f} M |" in box
+    # a ViT after one epoch either is sound or its conclusions are withheld: here, withheld
+    assert "Unreliable while the sanity checks above flag a problem" in summary
+    assert "The matches keep" not in summary and "The matches do not keep" not in summary
+    assert "first candidate" not in summary
 
     page = html.read_text(encoding="utf-8")
     bundle = get_plotlyjs()
@@ -75,6 +93,7 @@ def test_gap_report_runs_end_to_end(cache, tmp_path):
     assert '"type":"heatmap"' in page and "Plotly.newPlot" in page  # the interactive heatmap
     assert page.count("data:image/png;base64") >= 2  # static heatmap and prediction plot
     assert "agrees with the teacher" in page
+    assert page.index("Sanity checks: ") < page.index("agrees with the teacher")
     assert json.loads((run_dir / "parameters.json").read_text())["n_samples"] == 64
 
 

@@ -13,6 +13,7 @@ from workbench.reports.compare import (
 )
 from workbench.reports.declarations import DECLARATIONS, check_notebook, check_values
 from workbench.reports.notebook import evaluation_data, gap_summary, report_model, setup_notebook
+from workbench.reports.sanity import Sanity, distill_sanity, gap_sanity
 from workbench.reports.runner import (
     REPORTS,
     OutputError,
@@ -36,6 +37,7 @@ __all__ = [
     "get_report", "report_parameters", "check_names", "check_outputs", "check_parameters", "run_report",
     "execute_notebook", "export_html", "DECLARATIONS", "check_values", "check_notebook",
     "setup_notebook", "report_model", "evaluation_data", "gap_summary",
+    "Sanity", "gap_sanity", "distill_sanity",
     "METHODS", "Method", "Comparison", "method_distiller", "run_comparison", "command_line", "seeded_model",
     "training_set", "models_summary", "cka_grid",
 ]

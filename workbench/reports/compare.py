@@ -140,13 +140,10 @@ class Comparison:
         ``flags``: the report's sanity flags (:mod:`workbench.reports.sanity`). While any stands, a line
         above the table says the methods must not be ranked by it, and each flagged row is marked
         (*not converged*, *near chance*)."""
+        from workbench.reports.sanity import row_marks
+
         table = self.table()
-        marks: dict[str, list[str]] = {}
-        for flag in flags:
-            subject = flag.subject.split("`")[1] if flag.subject.count("`") == 2 else flag.subject
-            role = "teacher" if flag.subject.startswith("teacher") else subject
-            marks.setdefault(role, []).append({"still_rising": "not converged", "near_chance": "near chance"}.get(
-                flag.kind, "flagged"))
+        marks = row_marks(flags)
         lines = []
         if flags:
             lines += ["**Not conclusive: the sanity checks flag problems** (rows marked *not converged* or *near "
@@ -160,11 +157,11 @@ class Comparison:
             cka = "—" if np.isnan(row["matched_cka"]) else f"{row['matched_cka']:.3f}"
             spread = "n/a" if np.isnan(row["accuracy_std"]) else f"{row['accuracy_std']:.2f}"
             label = name.replace("*", "\\*")  # a method's weight star is not emphasis
-            label += "".join(f" (*{mark}*)" for mark in dict.fromkeys(marks.get(name, [])))
+            label += "".join(f" (*{mark}*)" for mark in marks.get(name, []))
             lines.append(f"| {label} | {row['accuracy_mean']:.2f} ± {spread} | {delta} | {wins} "
                          f"| {cka} | {int(row['seeds'])} |")
         if self.teacher_accuracy is not None:
-            teacher = "*teacher*" + "".join(f" (*{mark}*)" for mark in dict.fromkeys(marks.get("teacher", [])))
+            teacher = "*teacher*" + "".join(f" (*{mark}*)" for mark in marks.get("teacher", []))
             lines.append(f"| {teacher} | {100 * self.teacher_accuracy:.2f} | | | | |")
         if self.missing_text():
             lines += ["", self.missing_text()]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -57,11 +58,12 @@ def evaluation_data(dataset: str = "digits", n_samples: int = 450) -> Any:
 
 
 def report_model(
-    name: str, dataset: str = "digits", *, weights: str | os.PathLike | None = None, epochs: int = 8,
-    seed: int = 0, progress: bool = True, **model_kwargs: Any,
+    name: str, dataset: str = "digits", *, weights: str | os.PathLike | None = None, epochs: int | None = None,
+    lr: float | None = None, seed: int = 0, progress: bool = True, **model_kwargs: Any,
 ) -> Any:
-    """A model for a report: ``workbench.train.trained`` (trained once, then cached), or built and
-    loaded from ``weights`` (safetensors / ``torch.load(weights_only=True)``) when given.
+    """A model for a report: ``workbench.train.trained`` (trained once, then cached; ``epochs`` / ``lr``
+    None: the model family's recipe, ``workbench.train.default_recipe``), or built and loaded from
+    ``weights`` (safetensors / ``torch.load(weights_only=True)``) when given.
 
     Example:
         >>> from workbench.reports import report_model
@@ -71,15 +73,16 @@ def report_model(
     from workbench.train.cache import num_classes
 
     if weights is None:
-        return train.trained(name, dataset, epochs=epochs, seed=seed, size=IMAGE_SIZE, channels=CHANNELS,
+        return train.trained(name, dataset, epochs=epochs, lr=lr, seed=seed, size=IMAGE_SIZE, channels=CHANNELS,
                              progress=progress, **model_kwargs)
     kwargs = {"num_classes": num_classes(dataset), "in_chans": CHANNELS, **model_kwargs}
     return models.load_weights(models.create_sized(name, IMAGE_SIZE, **kwargs), weights).eval()
 
 
-def _layers_paragraph(cka: Any, teacher: str, student: str) -> str:
+def _layers_paragraph(cka: Any, teacher: str, student: str, withheld: bool = False) -> str:
     """The **Layers.** paragraph: matches, layer order and weakest layer over the layers with a defined CKA;
-    dead layers (all-NaN rows / columns) are named and take no part in the conclusions."""
+    dead layers (all-NaN rows / columns) are named and take no part in the conclusions. ``withheld``: the
+    matches are given as unreliable and the layer order and the weakest layer are not concluded."""
     dead_teacher, dead_student = cka.dead_layers()
     if np.isnan(cka.values).all():
         return (f"**Layers.** No layer could be compared: CKA is undefined (NaN) for every pair of the "
@@ -92,10 +95,15 @@ def _layers_paragraph(cka: Any, teacher: str, student: str) -> str:
     weakest = best.loc[best["cka"].idxmin()]
     text = (f"**Layers.** Each layer of the student (`{student}`) and the teacher (`{teacher}`) layer it resembles "
             f"most, by CKA over {cka.n_samples:,} samples: {pairs}.")
-    if len(order) > 1:
-        text += f" The matches {'keep' if order == sorted(order) else 'do not keep'} the layer order."
-    text += (f" The student layer least like any teacher layer is `{weakest.student_layer}` (best CKA "
-             f"{weakest.cka:.2f}): the first candidate for a feature-distillation term.")
+    if withheld:
+        text += (" **Unreliable while the sanity checks above flag a problem**: no conclusion is drawn about "
+                 "the layer order or where a feature-distillation term should go; fix the flagged problem and "
+                 "re-run.")
+    else:
+        if len(order) > 1:
+            text += f" The matches {'keep' if order == sorted(order) else 'do not keep'} the layer order."
+        text += (f" The student layer least like any teacher layer is `{weakest.student_layer}` (best CKA "
+                 f"{weakest.cka:.2f}): the first candidate for a feature-distillation term.")
     if dead_teacher or dead_student:
         named = "; ".join(f"{role} {', '.join(f'`{name}`' for name in names)}"
                           for role, names in (("teacher", dead_teacher), ("student", dead_student)) if names)
@@ -104,8 +112,12 @@ def _layers_paragraph(cka: Any, teacher: str, student: str) -> str:
     return text
 
 
-def gap_summary(cka: Any, predictions: Any, teacher: str = "teacher", student: str = "student") -> str:
+def gap_summary(cka: Any, predictions: Any, teacher: str = "teacher", student: str = "student",
+                flags: Sequence[Any] = ()) -> str:
     """A short Markdown paragraph: best-matching layers, layer order, weakest layer, agreement, KL, accuracy.
+
+    ``flags``: the sanity flags of the report (:mod:`workbench.reports.sanity`); while any stands, the
+    layer order and the candidate layer for a feature-distillation term are withheld.
 
     Example:
         >>> import numpy as np
@@ -115,7 +127,7 @@ def gap_summary(cka: Any, predictions: Any, teacher: str = "teacher", student: s
         >>> "87.5%" in gap_summary(cka, p)
         True
     """
-    lines = [_layers_paragraph(cka, teacher, student)]
+    lines = [_layers_paragraph(cka, teacher, student, withheld=bool(flags))]
     lines += [
         f"**Predictions.** The student agrees with the teacher's top-1 class on {predictions.agreement:.1%} of "
         f"{predictions.n_samples:,} samples; the mean KL(teacher ‖ student) at T = {predictions.temperature:g} "
