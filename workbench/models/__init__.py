@@ -2,7 +2,8 @@
 
 ``create(name, **kwargs)`` builds built-in tiny nets, any timm model or a transformers model from a
 config, never downloading; ``load_weights`` / ``save_weights`` move weights to and from disk with
-safetensors or ``torch.load(weights_only=True)``.
+safetensors or ``torch.load(weights_only=True)``; ``count_parameters`` / ``count_flops`` say how big a
+model is (parameters, forward FLOPs per sample).
 """
 from workbench.models.factory import available, create, create_sized
 from workbench.models.stats import count_flops, count_parameters
