@@ -225,3 +225,17 @@ def test_the_cli_draws_progress_unless_quiet(executor, tmp_path, monkeypatch, fl
                         reports.ReportRun(tmp_path, tmp_path / "r.ipynb", tmp_path / "r.html"))
     assert cli.main(["report", "gap", "-o", str(tmp_path), *flags]) == cli.EXIT_OK
     assert isinstance(given[0], ProgressPrinter) is draws and (given[0] is None) is not draws
+
+
+def test_a_report_model_that_trains_emits_its_epochs_and_a_cached_one_nothing(tmp_path, monkeypatch):
+    events = tmp_path / "events.jsonl"
+    monkeypatch.setenv(progress.PROGRESS_ENV, str(events))
+    monkeypatch.setenv("KD_WORKBENCH_CACHE", str(tmp_path / "cache"))
+    reports.report_model("mlp", "digits", epochs=2, progress=False, hidden=[8])
+    seen = [(e["event"], e.get("model"), e.get("epoch"), e.get("epochs")) for e in progress.read_events(events)
+            if e["event"] != "step"]
+    assert seen == [("run_start", "mlp", 1, 2), ("epoch", "mlp", 1, 2), ("epoch", "mlp", 2, 2),
+                    ("run_end", "mlp", 2, 2)]
+    events.unlink()
+    reports.report_model("mlp", "digits", epochs=2, progress=False, hidden=[8])  # from the cache
+    assert progress.read_events(events) == []

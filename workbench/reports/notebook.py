@@ -70,11 +70,12 @@ def report_model(
         >>> student = report_model("cnn_small", epochs=1, progress=False)  # doctest: +SKIP
     """
     from workbench import models, train
+    from workbench.reports.progress import fit_callbacks
     from workbench.train.cache import num_classes
 
-    if weights is None:
+    if weights is None:  # a run that trains tells the CLI its epochs (workbench.reports.progress)
         return train.trained(name, dataset, epochs=epochs, lr=lr, seed=seed, size=IMAGE_SIZE, channels=CHANNELS,
-                             progress=progress, **model_kwargs)
+                             progress=progress, callbacks=fit_callbacks(model=name), **model_kwargs)
     kwargs = {"num_classes": num_classes(dataset), "in_chans": CHANNELS, **model_kwargs}
     return models.load_weights(models.create_sized(name, IMAGE_SIZE, **kwargs), weights).eval()
 
