@@ -1,0 +1,54 @@
+"""notebooks/examples/widgets.ipynb runs end to end on a kernel of this interpreter (papermill, as reports
+run): no cell fails, each widget is displayed (a widget view in its cell's outputs) and the saved widget
+state holds what the widgets showed — the explorer's heatmap, the monitor's two runs, both completed."""
+from __future__ import annotations
+
+import json
+import re
+
+import nbformat
+import pytest
+
+from jupyter_harness import REPO_ROOT
+from workbench.reports.kernel import execute_notebook
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+NOTEBOOK = REPO_ROOT / "notebooks" / "examples" / "widgets.ipynb"
+VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def _views(cell) -> list[str]:
+    return [output["data"][VIEW]["model_id"] for output in cell.get("outputs", [])
+            if VIEW in output.get("data", {})]
+
+
+def test_widgets_notebook_runs_and_keeps_the_widget_state(tmp_path, monkeypatch):
+    monkeypatch.setenv("KD_WORKBENCH_CACHE", str(tmp_path / "cache"))
+    output = tmp_path / "widgets.ipynb"
+    execute_notebook(NOTEBOOK, output, {"n_samples": 128})  # raises if a cell fails
+    nb = nbformat.read(output, as_version=4)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    errors = [output for cell in code for output in cell.outputs if output.output_type == "error"]
+    assert not errors, errors
+    assert all(cell.execution_count is not None for cell in code)
+
+    states = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    explorer_view = next(cell for cell in code if cell.source.startswith("explorer = GapExplorer"))
+    monitor_view = next(cell for cell in code if cell.source.startswith("monitor = TrainingMonitor"))
+    (explorer_id,), (monitor_id,) = _views(explorer_view), _views(monitor_view)
+    assert "kd-gap-explorer" in states[explorer_id]["state"]["_dom_classes"]
+    assert "kd-training-monitor" in states[monitor_id]["state"]["_dom_classes"]
+
+    text = json.dumps(states)
+    statuses = [state["state"]["value"] for state in states.values()
+                if "kd-training-status" in state["state"].get("_dom_classes", [])]
+    assert len(statuses) == 1 and re.fullmatch(r"kd, T=4 · <b>done</b> · epoch 1/1 · step \d+ · loss [\d.]+ · "
+                                                r"eval accuracy [\d.]+%", statuses[0]), statuses
+    # the monitor's figures overlay both runs (legend groups), the explorer's heatmap was computed
+    assert '"legendgroup": "student alone"' in text and '"legendgroup": "kd, T=4"' in text
+    assert '"type": "heatmap"' in text
+
+    # the outcome cell: both runs completed, and each reached an evaluation accuracy
+    outcome = code[-1].outputs[0]["data"]["text/plain"]
+    assert "'student alone': 'done'" in outcome and "'kd, T=4': 'done'" in outcome
