@@ -79,7 +79,7 @@ def test_without_training_the_line_shows_the_cells_time_so_far():
     state = ProgressState()
     state.feed(cell(4, 9, "cka = wb.similarity.cka_matrix(", 50.0, heading="Measurements"))
     state.feed({"event": "step", "time": 125.0})  # no run started: ignored, but the clock moves
-    assert state.line() == "cell 4/9 Measurements: cka = wb.similarity.cka_matrix( | 1 min 15 s"
+    assert state.line() == "cell 4/9 | 1 min 15 s | Measurements: cka = wb.similarity.cka_matrix("
     assert state.seconds_left() is None
 
 

@@ -18,7 +18,7 @@ Example:
     ...                "steps_per_epoch": 5, "time": 10.0}]:
     ...     state.feed(event)
     >>> state.line()
-    'cell 3/9 Training: x = 1 | kd seed 0 | epoch 1/2 | run 1/2 | about 30 s left'
+    'cell 3/9 | kd seed 0 | epoch 1/2 | run 1/2 | about 30 s left | Training: x = 1'
 """
 from __future__ import annotations
 
@@ -101,9 +101,12 @@ class ProgressState:
             return None
         return max(0.0, (total - done) * elapsed / done)
 
-    def _cell_text(self) -> str:
+    def _cell_title(self) -> str:
         cell = self.cell or {}
-        title = ": ".join(part for part in (cell.get("heading"), cell.get("first_line")) if part)
+        return ": ".join(part for part in (cell.get("heading"), cell.get("first_line")) if part)
+
+    def _cell_text(self) -> str:
+        cell, title = self.cell or {}, self._cell_title()
         return f"cell {cell.get('index')}/{cell.get('cells')}{f' {title}' if title else ''}"
 
     def _run_text(self, starting: bool = False) -> list[str]:
@@ -120,8 +123,10 @@ class ProgressState:
         return parts
 
     def line(self) -> str:
-        """The cell, the training run and the time left (or the cell's time so far), joined by ``|``."""
-        parts = [self._cell_text()] if self.cell else []
+        """The cell number, the training run, the time left (or the cell's time so far) and the cell's
+        heading and first line, joined by ``|``: the most telling first, so a narrow terminal cuts the title."""
+        cell = self.cell or {}
+        parts = [f"cell {cell.get('index')}/{cell.get('cells')}"] if self.cell else []
         if self.run is not None:
             parts += self._run_text()
         elif self.plan is not None:  # between two runs (measuring the last one)
@@ -131,6 +136,8 @@ class ProgressState:
             parts.append(f"about {format_seconds(left)} left")
         elif self.cell:
             parts.append(format_seconds(self.now - self.cell["started"]))
+        if self._cell_title():
+            parts.append(self._cell_title())
         return " | ".join(parts)
 
     def plain(self, event: dict[str, Any]) -> str | None:
