@@ -243,3 +243,18 @@ def test_figures_have_no_fixed_width_and_the_row_wraps(setup):
     assert row.layout.flex_flow == "row wrap" and row.layout.width == "100%"
     for box in row.children:  # each plot's box shares the row and never grows past it
         assert box.layout.min_width == "0" and box.layout.max_width == "100%" and "px" not in str(box.layout.width)
+
+
+def test_ctrl_c_in_a_blocking_fit_shows_interrupted_not_the_last_epoch(setup):
+    pytest.importorskip("workbench.train.interrupt", reason="fit's Ctrl-C handling (issue 8, H1) is not in yet")
+    import os
+    import signal
+
+    distiller, data, _, _ = setup
+    monitor = TrainingMonitor(every=100)
+    press = At(10, lambda state: os.kill(os.getpid(), signal.SIGINT))  # Ctrl-C during step 10's callbacks
+    history = fit(distiller, data, epochs=25, callbacks=[monitor, press], **SETTINGS)
+    assert len(history) < 25 * 8 and history.attrs["interrupted"]["reason"] == "KeyboardInterrupt"
+    step, epoch = history.attrs["interrupted"]["step"], history.attrs["interrupted"]["epoch"]
+    assert f"<b>interrupted at epoch {epoch}, step {step} (KeyboardInterrupt)</b>" in monitor.status.value
+    assert "epoch 2/25" not in monitor.status.value
