@@ -67,6 +67,14 @@ def test_too_few_cka_samples_and_larger_student():
     flag = larger_student(models.count_parameters(teacher), models.count_parameters(student), "Swap them.")
     assert f"{models.count_parameters(student):,} parameters" in flag.problem
     assert larger_student(10, 10, "") is None
+    # a warning: shown, but the measurements stand, so nothing is withheld
+    box = Sanity([flag], passed=["student converged"]).to_markdown()
+    assert not flag.withholds and Sanity([flag]).blocking == []
+    assert box.startswith("**Sanity checks: passed, with 1 warning.** student converged.")
+    assert "- **student larger than teacher** (warning): the student has" in box
+    rising = still_rising([0.3], "student", "")
+    assert Sanity([flag, rising]).blocking == [rising]
+    assert Sanity([flag, rising]).to_markdown().startswith("**Sanity checks: 1 problem — the conclusions below")
 
 
 def test_the_box_lists_flags_with_advice_then_the_models():

@@ -8,11 +8,12 @@ Four flags, each a sentence saying what is wrong and what to do:
   :data:`RISING_POINTS` (3) points above its best before the last quarter of the epochs (at least the
   last epoch), or that trained a single epoch (nothing to tell convergence by);
 * **too few CKA samples**: fewer samples than the estimator needs (:mod:`workbench.probes.sample_size`);
-* **student larger than teacher**: the student has more parameters than its teacher.
+* **student larger than teacher**: the student has more parameters than its teacher — a warning: the
+  measurements stay valid, so it does not withhold the conclusions.
 
 A report shows :meth:`Sanity.to_markdown` at its top (the flags, then a table of the models:
 parameters, FLOPs per sample, accuracy, training) and withholds or marks its conclusions while
-:attr:`Sanity.flags` is not empty.
+:attr:`Sanity.blocking` is not empty.
 """
 from __future__ import annotations
 
@@ -36,16 +37,19 @@ CHANCE_P_VALUE = 1e-3
 @dataclass(frozen=True)
 class Flag:
     """One sanity problem: its ``kind`` (``"near_chance"``, ``"still_rising"``, ``"few_samples"``,
-    ``"student_larger"``), what it is about (``subject``), what is wrong and what to do."""
+    ``"student_larger"``), what it is about (``subject``), what is wrong and what to do; ``withholds``:
+    whether the report's conclusions are withheld while it stands (False: a warning)."""
 
     kind: str
     subject: str
     problem: str
     advice: str
+    withholds: bool = True
 
     def to_markdown(self) -> str:
-        """One Markdown list item: the subject in bold, the problem, then what to do."""
-        return f"- **{self.subject}**: {self.problem} {self.advice}"
+        """One Markdown list item: the subject in bold (a warning says so), the problem, then what to do."""
+        warning = " (warning)" if not self.withholds else ""
+        return f"- **{self.subject}**{warning}: {self.problem} {self.advice}"
 
 
 def near_chance(accuracy: float, n_samples: int, num_classes: int, subject: str, advice: str) -> Flag | None:
@@ -124,14 +128,16 @@ def larger_student(teacher_parameters: int, student_parameters: int, advice: str
     """A ``"student_larger"`` flag when the student has more parameters than its teacher, else None.
 
     Example:
-        >>> larger_student(6_274, 94_186, "Swap them.").problem
-        'the student has 94,186 parameters, 15.0× its teacher (6,274).'
+        >>> flag = larger_student(6_274, 94_186, "Swap them.")
+        >>> flag.problem.split(";")[0], flag.withholds
+        ('the student has 94,186 parameters, 15.0× its teacher (6,274)', False)
     """
     if student_parameters <= teacher_parameters:
         return None
     ratio = student_parameters / max(teacher_parameters, 1)
-    problem = f"the student has {student_parameters:,} parameters, {ratio:.1f}× its teacher ({teacher_parameters:,})."
-    return Flag("student_larger", "student larger than teacher", problem, advice)
+    problem = (f"the student has {student_parameters:,} parameters, {ratio:.1f}× its teacher ({teacher_parameters:,}); "
+               "the measurements stand, but this is not compression.")
+    return Flag("student_larger", "student larger than teacher", problem, advice, withholds=False)
 
 
 ROW_MARKS = {"still_rising": "not converged", "near_chance": "near chance"}
@@ -219,6 +225,11 @@ class Sanity:
         """True when no check raised a flag."""
         return not self.flags
 
+    @property
+    def blocking(self) -> list[Flag]:
+        """The flags that withhold the report's conclusions (every flag but warnings)."""
+        return [flag for flag in self.flags if flag.withholds]
+
     def flagged(self, kind: str) -> list[str]:
         """The subjects flagged with ``kind``."""
         return [flag.subject for flag in self.flags if flag.kind == kind]
@@ -231,14 +242,17 @@ class Sanity:
             >>> box.splitlines()[0]
             '**Sanity checks: 1 problem — the conclusions below are withheld until it is fixed.**'
         """
-        if self.flags:
-            count = f"{len(self.flags)} problem{'s' if len(self.flags) > 1 else ''}"
+        blocking, warnings = len(self.blocking), len(self.flags) - len(self.blocking)
+        if blocking:
+            count = f"{blocking} problem{'s' if blocking > 1 else ''}"
             lines = [f"**Sanity checks: {count} — the conclusions below are withheld until "
-                     f"{'they are' if len(self.flags) > 1 else 'it is'} fixed.**", ""]
-            lines += [flag.to_markdown() for flag in self.flags]
+                     f"{'they are' if blocking > 1 else 'it is'} fixed.**"]
         else:
-            lines = ["**Sanity checks: passed.** " + "; ".join(self.passed) + "." if self.passed
-                     else "**Sanity checks: passed.**"]
+            lines = ["**Sanity checks: passed" + (f", with {warnings} warning{'s' if warnings > 1 else ''}" if warnings
+                                                 else "") + ".**" + (" " + "; ".join(self.passed) + "." if self.passed
+                                                                     else "")]
+        if self.flags:
+            lines += [""] + [flag.to_markdown() for flag in self.flags]
         if self.cards:
             lines += ["", model_cards_table(self.cards)]
         return "\n".join(lines)
