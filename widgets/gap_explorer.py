@@ -368,7 +368,8 @@ class GapExplorer(ipywidgets.VBox):
         selected = self.selected_teacher_layer
         self.show_row(selected if selected in result.teacher_layers else result.teacher_layers[0])
         self._set_status(
-            f"Done in {seconds:.1f} s: {html.escape(result.title)}. "
+            f"Done in {seconds:.1f} s ({len(result.teacher_layers)} teacher × {len(result.student_layers)} student "
+            f"layers): {html.escape(result.title)}. "
             "Click a cell to see that teacher layer against every student layer."
         )
 
@@ -467,6 +468,9 @@ class GapExplorer(ipywidgets.VBox):
                 xaxis=fresh.layout.xaxis.to_plotly_json(), yaxis=fresh.layout.yaxis.to_plotly_json(),
             )
             self._apply_colour_range()
+        # plotly.js answers a new height by fixing the width where it is (autosize off), so a later, narrower
+        # window would cut the figure; this relayout gives the width back to the container
+        self.heatmap._send_relayout_msg({"autosize": True, "width": None})
 
     def colour_limits(self) -> tuple[float, float]:
         """``(zmin, zmax)`` of the heatmap's colour scale: 0–1, or the shown matrix's min–max."""

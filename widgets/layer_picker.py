@@ -77,7 +77,8 @@ class LayerPicker(ipywidgets.VBox):
         '0.0 · Linear · 8'
     """
 
-    value = traitlets.Tuple(help="the selected layer names in model order, listed or not")
+    value = traitlets.Any((), help="the selected layer names in model order, listed or not (any iterable of "
+                               "names is taken, and stored as a tuple)")
 
     def __init__(self, table: pd.DataFrame, selected: Sequence[str], *, role: str, view: str | None = None,
                  rows: int = 10):

@@ -158,6 +158,28 @@ def test_pickers_on_resnet18_filter_show_type_and_shape_and_keep_the_selection()
         picker.value = ("layer5",)
 
 
+def test_a_timm_vit_pair_lists_token_shapes_and_computes_what_cka_matrix_computes(hook_count):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    vit = dict(pretrained=False, img_size=32, patch_size=8, num_classes=10)
+    teacher = timm.create_model("vit_tiny_patch16_224", **vit).eval()
+    student = timm.create_model("vit_tiny_patch16_224", depth=4, embed_dim=96, num_heads=3, **vit).eval()
+    images = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    explorer = GapExplorer(teacher, student, images, batch_size=32, device="cpu", progress=False)
+    assert explorer.teacher_layers.value == tuple(f"blocks.{index}" for index in range(12))
+    assert explorer.student_layers.value == tuple(f"blocks.{index}" for index in range(4))
+    tokens = (32 // 8) ** 2 + 1  # 16 patches and the class token
+    labels = dict((value, label) for label, value in explorer.student_layers.select.options)
+    assert labels["blocks.3"] == f"blocks.3 · Block · {tokens}×96"
+    explorer.teacher_layers.value = ("blocks.0", "blocks.5", "blocks.11")
+    result = explorer.compute()
+    expected = cka_matrix(teacher, student, images, ["blocks.0", "blocks.5", "blocks.11"], "stages",
+                          batch_size=32, device="cpu", progress=False)
+    np.testing.assert_allclose(result.values, expected.values, rtol=1e-10)
+    assert result.teacher_name == explorer.teacher_name and "teacher VisionTransformer" in result.teacher_name
+    assert hook_count(teacher) == 0 and hook_count(student) == 0
+
+
 # ---------------------------------------------------------------------- titles
 def test_model_names_reach_the_title_and_the_result(conv_pair, images):
     teacher, student = conv_pair  # two ConvNets: the old title read "ConvNet vs ConvNet"

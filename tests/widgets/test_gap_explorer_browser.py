@@ -43,6 +43,12 @@ explorer = GapExplorer(teacher, student, data, batch_size=64, device="cpu")""",
     'print(f"kernel answers: computing={explorer.running}, batches done={explorer.progress.value}")',
     "if explorer.running:\n    data.release.set()  # lets the gated batch through",
     'print("forward hooks left:", sum(len(m._forward_hooks) for m in [*teacher.modules(), *student.modules()]))',
+    """\
+if explorer.result is not None:  # every module of both models, on one batch
+    explorer.teacher_layers.value = explorer.teacher_layers.table["name"]
+    explorer.student_layers.value = explorer.student_layers.table["name"]
+    explorer.kernel.value, explorer.n_samples.value = "linear", 64
+    print("selected:", len(explorer.teacher_layers.value), "x", len(explorer.student_layers.value))""",
 ]
 EXPLORER = "document.querySelector('.kd-gap-explorer')"
 STATUS = f"{EXPLORER}.querySelector('.kd-status').textContent"
@@ -185,6 +191,15 @@ def test_gap_explorer_renders_computes_in_the_background_and_fits_in_jupyterlab(
     assert "Error" not in page.evaluate(STATUS)
     assert_widgets_all_rendered(page)
     assert_fits(page, "default")
+
+    # every layer of both models: a 93 × 67 matrix still fits the cell
+    run_cell(page, 5)
+    page.wait_for_function(f"() => {cell_output(5)}.includes('selected: 93 x 67')")
+    compute.click()
+    page.wait_for_function(f"() => /Done in .*93 teacher × 67 student layers.* linear CKA/.test({STATUS})",
+                           timeout=90_000)
+    page.wait_for_function(f"() => {EXPLORER}.querySelectorAll('.kd-heatmap .ytick').length > 20")
+    assert_fits(page, "default", settle=True)
 
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     explorer.scroll_into_view_if_needed()
