@@ -10,6 +10,7 @@ tests/train/test_distiller.py (cheap, so run twice rather than special-cased).
 """
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 
@@ -56,6 +57,33 @@ def runnable_blocks(page: str) -> list[tuple[int, str]]:
         (line, code) for line, language, code, before in fenced_blocks((DOCS / page).read_text(encoding="utf-8"))
         if language == "python" and before != NOT_RUN
     ]
+
+
+ROOMS = ("capture", "similarity", "losses", "distiller", "train", "reports", "widgets", "models_and_data",
+         "architecture", "README")
+# The public names a user reaches for; every one is named on some page (notebook helpers are left out).
+DOCUMENTED = {
+    "workbench": None, "workbench.similarity": None, "workbench.models": None, "workbench.data": None,
+    "workbench.train": None, "workbench.losses": None, "widgets": None,
+    "workbench.reports": ("run_report", "report_parameters", "check_values", "check_notebook", "ReportRun",
+                          "ParameterError", "OutputError", "ReportFailed", "ReportInterrupted"),
+}
+
+
+def test_every_room_has_a_page():
+    assert set(ROOMS) <= {page.removesuffix(".md") for page in PAGES}
+
+
+def test_every_public_name_is_documented():
+    text = "\n".join((DOCS / page).read_text(encoding="utf-8") for page in PAGES)
+    missing = []
+    for module_name, names in DOCUMENTED.items():
+        module = importlib.import_module(module_name)
+        for name in names or module.__all__:
+            assert hasattr(module, name), f"{module_name}.{name} does not exist"
+            if not re.search(rf"\b{re.escape(name)}\b", text):
+                missing.append(f"{module_name}.{name}")
+    assert not missing, f"public names no page in docs/ mentions: {missing}"
 
 
 def test_few_examples_are_not_run():
