@@ -173,7 +173,7 @@ class TrainingMonitor(ipywidgets.VBox, Callback):
         if self._state is None:
             return False
         self._stop_request = reason
-        self.stop_button.disabled = True
+        self._ui(self._set_stop_button, False)  # from any thread: the widget changes in the kernel's
         return True
 
     async def run(self, function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
