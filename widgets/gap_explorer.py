@@ -15,18 +15,17 @@ import dataclasses
 import html
 import inspect
 import math
-import textwrap
 import threading
-import time
 import traceback
 from collections.abc import Sequence
 
 import ipywidgets
 import numpy as np
-import plotly.graph_objects as go
 from plotly.callbacks import Points
 from torch import nn
 
+from widgets import cka_figures
+from widgets.cancellable import BackgroundJob
 from widgets.layer_picker import LayerPicker
 from workbench.capture import resolve_layers
 from workbench.data import as_loader, num_samples
@@ -45,14 +44,7 @@ _PASSED_THROUGH = tuple(
     for name in inspect.signature(cka_matrix).parameters
     if name not in ("teacher", "student", "data", *_CONTROLLED, *_DRIVEN)
 )
-_HIGHLIGHT = "#2a9d8f"
 COLOUR_RANGES = (("fixed 0–1", "fixed"), ("data range", "data"))
-MAX_HEATMAP_HEIGHT = 900  # pixels: 93 layers at 40 px a row would be 3,800
-TITLE_CHARACTERS = 60  # a title line's length before it wraps (about 420 px of plotly's title font)
-
-
-class Cancelled(Exception):
-    """Raised inside ``cka_matrix``'s ``on_batch`` hook to stop a computation between batches."""
 
 
 def model_label(model: nn.Module, role: str) -> str:
@@ -71,20 +63,6 @@ def _short_count(count: int) -> str:
         if count >= size:
             return f"{count / size:.1f}{suffix}"
     return str(count)
-
-
-@dataclasses.dataclass
-class _Job:
-    """One computation: its arguments, its cancel flag, and how it ended."""
-
-    arguments: dict
-    total_batches: int | None
-    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
-    started: float = dataclasses.field(default_factory=time.perf_counter)
-    batches: int = 0
-    result: CKAResult | None = None
-    error: BaseException | None = None
-    cancelled: bool = False
 
 
 class GapExplorer(ipywidgets.VBox):
@@ -151,9 +129,8 @@ class GapExplorer(ipywidgets.VBox):
         self.result: CKAResult | None = None
         self.error: BaseException | None = None
         self.selected_teacher_layer: str | None = None
-        self._job: _Job | None = None  # the running computation
-        self._last_job: _Job | None = None
-        self._thread: threading.Thread | None = None
+        self._job: BackgroundJob | None = None  # the running computation
+        self._last_job: BackgroundJob | None = None
         self._status_text = "Choose layers and settings, then press <b>Compute</b>."
 
         shape_notes = []
@@ -193,7 +170,7 @@ class GapExplorer(ipywidgets.VBox):
         self.progress_text = ipywidgets.Label(value="", layout=ipywidgets.Layout(flex="0 1 auto"))
         self.status = ipywidgets.HTML(layout=ipywidgets.Layout(max_width="100%"))
         self.details = ipywidgets.Output(layout=ipywidgets.Layout(max_width="100%", overflow="auto"))
-        self.heatmap, self.row_plot = _empty_figures()
+        self.heatmap, self.row_plot = cka_figures.empty_figures()
         self.heatmap.data[0].on_click(self.select_row)
 
         self.compute_button.on_click(self._on_compute_clicked)
@@ -251,47 +228,34 @@ class GapExplorer(ipywidgets.VBox):
         A failure is shown in ``status`` (traceback in ``details``), kept in ``error`` and re-raised;
         the previous ``result`` and figures stay as they were.
         """
-        job = self._start()
-        self._work(job)
-        if job.error is not None:
-            raise job.error
-        return job.result
+        job, arguments = self._start()
+        self._work(job, arguments)
+        return job.wait()
 
     def compute_async(self) -> threading.Thread | None:
         """Start ``cka_matrix`` in a background thread (what the Compute button does) and return it;
         ``None`` when the controls' values are refused (the reason is in ``status`` and ``error``)."""
         try:
-            job = self._start()
+            job, arguments = self._start()
         except Exception:
             return None
-        self._thread = threading.Thread(target=self._work, args=(job,), name="GapExplorer CKA", daemon=True)
-        self._thread.start()
-        return self._thread
+        return job.start(self._work, job, arguments, name="GapExplorer CKA computation")
 
     def wait(self, timeout: float | None = None) -> CKAResult | None:
         """Wait for the background computation; returns its result (``None`` if cancelled), re-raises
         its error, raises ``TimeoutError`` if it is still running after ``timeout`` seconds."""
-        thread, job = self._thread, self._last_job
-        if thread is not None:
-            thread.join(timeout)
-            if thread.is_alive():
-                raise TimeoutError(f"the CKA computation is still running after {timeout} s")
-        if job is None:
-            return self.result
-        if job.error is not None:
-            raise job.error
-        return None if job.cancelled else job.result
+        return self.result if self._last_job is None else self._last_job.wait(timeout)
 
     def cancel(self) -> None:
         """Stop the running computation after its current batch (the previous result stays)."""
         job = self._job
         if job is not None:
-            job.cancel.set()
+            job.cancel()
             self.cancel_button.disabled = True
             if self._job is job:  # not finished meanwhile: its own end message comes later
                 self._set_status("Cancelling after the current batch…")
 
-    def _start(self) -> _Job:
+    def _start(self) -> tuple[BackgroundJob, dict]:
         """Check the controls and mark a computation as running; a refusal is shown and raised."""
         if self._job is not None:
             raise RuntimeError("a computation is already running: wait() for it or cancel() it first")
@@ -301,52 +265,47 @@ class GapExplorer(ipywidgets.VBox):
             self.error = error
             self._set_status(f"{type(error).__name__}: {error}", error=True)
             raise
-        job = _Job(arguments, self._total_batches(arguments))
+        job = BackgroundJob(total_steps=self._total_batches(arguments))
         self._job = self._last_job = job
         self.compute_button.disabled, self.cancel_button.disabled = True, False
         self.details.outputs = ()
-        self.progress.max, self.progress.value = max(job.total_batches or 1, 1), 0
+        self.progress.max, self.progress.value = max(job.total_steps or 1, 1), 0
         self.progress.bar_style = "info"
         self._show_progress(job, 0)
         self._set_status(
             f"Computing {arguments['kernel']} CKA: {len(arguments['teacher_layers'])} teacher × "
             f"{len(arguments['student_layers'])} student layers…"
         )
-        return job
+        return job, arguments
 
-    def _work(self, job: _Job) -> None:
-        """The computation itself, in whichever thread runs it; ends by showing what happened."""
-        try:
-            result = cka_matrix(self.teacher, self.student, self.data, **job.arguments,
+    def _work(self, job: BackgroundJob, arguments: dict) -> None:
+        """The computation, in whichever thread runs it; ends by showing what happened."""
+        def cka(job: BackgroundJob) -> CKAResult:
+            result = cka_matrix(self.teacher, self.student, self.data, **arguments,
                                 on_batch=lambda batches, samples: self._on_batch(job, batches, samples))
-            job.result = dataclasses.replace(result, teacher_name=self.teacher_name, student_name=self.student_name)
-        except Cancelled:
-            job.cancelled = True
-        except BaseException as error:  # KeyboardInterrupt too: it ends the computation like an error
-            job.error = error
-        finally:
-            self._job = None
-            self.compute_button.disabled, self.cancel_button.disabled = False, True
+            return dataclasses.replace(result, teacher_name=self.teacher_name, student_name=self.student_name)
+
+        job.run(cka)
+        self._job = None
+        self.compute_button.disabled, self.cancel_button.disabled = False, True
         self._finish(job)
 
-    def _on_batch(self, job: _Job, batches: int, samples: int) -> None:
-        job.batches = batches
+    def _on_batch(self, job: BackgroundJob, batches: int, samples: int) -> None:
         self.progress.max = max(self.progress.max, batches)
         self.progress.value = batches
+        job.steps = batches
         self._show_progress(job, samples)
-        if job.cancel.is_set():
-            raise Cancelled
+        job.step(batches)  # raises Cancelled once Cancel was pressed
 
-    def _show_progress(self, job: _Job, samples: int) -> None:
-        total = "?" if job.total_batches is None else job.total_batches
-        self.progress_text.value = f"{job.batches}/{total} batches · {samples:,} samples"
+    def _show_progress(self, job: BackgroundJob, samples: int) -> None:
+        total = "?" if job.total_steps is None else job.total_steps
+        self.progress_text.value = f"{job.steps}/{total} batches · {samples:,} samples"
 
-    def _finish(self, job: _Job) -> None:
-        seconds = time.perf_counter() - job.started
+    def _finish(self, job: BackgroundJob) -> None:
         if job.cancelled:
             self.progress.bar_style = "warning"
             kept = "the previous result is still shown" if self.result is not None else "nothing computed yet"
-            self._set_status(f"Cancelled after {job.batches} of {job.total_batches or '?'} batches; {kept}.")
+            self._set_status(f"Cancelled after {job.steps} of {job.total_steps or '?'} batches; {kept}.")
             return
         if isinstance(job.error, KeyboardInterrupt):
             self.progress.bar_style = "warning"
@@ -368,8 +327,8 @@ class GapExplorer(ipywidgets.VBox):
         selected = self.selected_teacher_layer
         self.show_row(selected if selected in result.teacher_layers else result.teacher_layers[0])
         self._set_status(
-            f"Done in {seconds:.1f} s ({len(result.teacher_layers)} teacher × {len(result.student_layers)} student "
-            f"layers): {html.escape(result.title)}. "
+            f"Done in {job.seconds:.1f} s ({len(result.teacher_layers)} teacher × {len(result.student_layers)} "
+            f"student layers): {html.escape(result.title)}. "
             "Click a cell to see that teacher layer against every student layer."
         )
 
@@ -452,40 +411,18 @@ class GapExplorer(ipywidgets.VBox):
 
     # ------------------------------------------------------------------ figures
     def _show_heatmap(self, result: CKAResult) -> None:
-        """Replace the heatmap's trace and layout by those of ``result.figure()``, in place."""
-        fresh = result.figure()
-        new_trace = fresh.data[0].to_plotly_json()
-        trace = self.heatmap.data[0]
-        stale = set(trace.to_plotly_json()) - set(new_trace)
-        with self.heatmap.batch_update():
-            for name in stale - {"type", "uid"}:
-                trace[name] = None  # e.g. cell text, which large matrices go without
-            trace.update({name: value for name, value in new_trace.items() if name not in ("type", "uid")})
-            # the figure's own layout keys only: no width, so the figure keeps its container's width
-            self.heatmap.update_layout(
-                title={"text": "<br>".join(textwrap.wrap(result.title, TITLE_CHARACTERS))},
-                height=min(fresh.layout.height or MAX_HEATMAP_HEIGHT, MAX_HEATMAP_HEIGHT),
-                xaxis=fresh.layout.xaxis.to_plotly_json(), yaxis=fresh.layout.yaxis.to_plotly_json(),
-            )
-            self._apply_colour_range()
-        # plotly.js answers a new height by fixing the width where it is (autosize off), so a later, narrower
-        # window would cut the figure; this relayout gives the width back to the container
-        self.heatmap._send_relayout_msg({"autosize": True, "width": None})
+        cka_figures.show_heatmap(self.heatmap, result, self.colour_limits())
 
     def colour_limits(self) -> tuple[float, float]:
         """``(zmin, zmax)`` of the heatmap's colour scale: 0–1, or the shown matrix's min–max."""
-        if self.colour_range.value == "fixed" or self.result is None or np.isnan(self.result.values).all():
+        if self.colour_range.value == "fixed" or self.result is None:
             return 0.0, 1.0
-        low, high = float(np.nanmin(self.result.values)), float(np.nanmax(self.result.values))
-        if high - low < 1e-9:  # a constant matrix: a sliver of range, so the colour is defined
-            low, high = low - 5e-4, high + 5e-4
-        return low, high
+        return cka_figures.data_limits(self.result.values)
 
     def _apply_colour_range(self) -> None:
         """Set the colour scale from the toggle; the matrix is not recomputed."""
-        low, high = self.colour_limits()
         trace = self.heatmap.data[0]
-        trace.zmin, trace.zmax = low, high
+        trace.zmin, trace.zmax = self.colour_limits()
 
     def select_row(self, trace: object, points: Points, state: object = None) -> None:
         """Heatmap click handler (plotly's ``on_click`` signature): show the clicked cell's row."""
@@ -508,52 +445,13 @@ class GapExplorer(ipywidgets.VBox):
         row = teacher_layer if isinstance(teacher_layer, (int, np.integer)) else _index(
             result.teacher_layers, teacher_layer, "teacher layer"
         )
-        name = result.teacher_layers[row]
-        values = result.values[row]
-        colours = [_HIGHLIGHT if layer == student_layer else "#5b5f97" for layer in result.student_layers]
-        title = f"teacher layer {name}: {result.kernel} CKA against every student layer"
-        with self.row_plot.batch_update():
-            bars = self.row_plot.data[0]
-            bars.x, bars.y = list(result.student_layers), values
-            bars.marker.color = colours
-            bars.text = [f"{value:.3f}" for value in values]
-            bars.hovertemplate = "student layer: %{x}<br>CKA: %{y:.4f}<extra></extra>"
-            self.row_plot.layout.title.text = "<br>".join(textwrap.wrap(title, TITLE_CHARACTERS))
-            self.row_plot.layout.yaxis.range = [min(0.0, float(np.nanmin(values))), max(1.0, float(np.nanmax(values)))]
-        with self.heatmap.batch_update():
-            self.heatmap.layout.shapes = [
-                {
-                    "type": "rect", "xref": "paper", "x0": 0, "x1": 1, "yref": "y",
-                    "y0": row - 0.5, "y1": row + 0.5, "line": {"color": _HIGHLIGHT, "width": 3},
-                }
-            ]
-        self.selected_teacher_layer = name
+        cka_figures.show_row(self.row_plot, self.heatmap, result, row, student_layer)
+        self.selected_teacher_layer = result.teacher_layers[row]
 
     def _require_result(self) -> CKAResult:
         if self.result is None:
             raise RuntimeError("nothing computed yet: press Compute or call .compute() first")
         return self.result
-
-
-def _empty_figures() -> tuple[go.FigureWidget, go.FigureWidget]:
-    """The heatmap and the row plot before anything is computed; both take their container's width."""
-    heatmap = go.FigureWidget(go.Heatmap(z=[[]], colorscale="Magma"))
-    heatmap.update_layout(
-        height=320, title="CKA: not computed yet", autosize=True, margin={"l": 10, "r": 30, "t": 80, "b": 10},
-        xaxis={"automargin": True}, yaxis={"automargin": True},
-    )
-    row_plot = go.FigureWidget(go.Bar(x=[], y=[], marker={"color": []}))
-    row_plot.update_layout(
-        height=300,
-        autosize=True,
-        title="click a heatmap cell to see that teacher<br>layer against every student layer",
-        xaxis={"title": {"text": "student layer"}, "type": "category", "automargin": True},
-        yaxis={"title": {"text": "CKA"}, "automargin": True},
-        margin={"l": 10, "r": 30, "t": 80, "b": 10},
-    )
-    for figure in (heatmap, row_plot):
-        figure._config = {**figure._config, "responsive": True}  # plotly.js follows the window's width
-    return heatmap, row_plot
 
 
 def _index(names: Sequence[str], name: str, what: str) -> int:
