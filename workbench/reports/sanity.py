@@ -305,10 +305,17 @@ def gap_sanity(
     teacher; with a card per model (parameters, FLOPs per sample, accuracy, training).
 
     Example:
-        >>> from workbench import reports, similarity
-        >>> data = reports.evaluation_data("digits")
-        >>> t = reports.report_model("cnn_small", epochs=1, progress=False)  # doctest: +SKIP
-        >>> # gap_sanity("cnn_small", "cnn_small", t, t, data, predictions, cka, "linear", True, "digits")
+        >>> import numpy as np
+        >>> from workbench import models, reports
+        >>> from workbench.similarity import CKAResult, PredictionResult
+        >>> teacher, student = models.create("cnn", widths=(8, 16)), models.create("cnn", widths=(4, 8))
+        >>> predictions = PredictionResult(np.array([[40, 5], [5, 50]]), agreement=0.9, kl=0.1, temperature=1.0,
+        ...                                n_samples=100, teacher_accuracy=0.95, student_accuracy=0.9)
+        >>> cka = CKAResult(np.eye(2), ["blocks.0", "blocks.1"], ["blocks.0", "blocks.1"], n_samples=5)
+        >>> sanity = gap_sanity("cnn", "cnn", teacher, student, reports.evaluation_data("digits"), predictions, cka,
+        ...                     "linear", True, "digits")
+        >>> [flag.kind for flag in sanity.flags], sanity.cards[1].parameters
+        (['few_samples'], 438)
     """
     from workbench.layer_table import first_sample
     from workbench.models.stats import count_flops, count_parameters
@@ -349,7 +356,19 @@ def distill_sanity(
     the teacher; with cards for the teacher and the student.
 
     Example:
-        >>> # sanity = distill_sanity(comparison, "cnn", "cnn", teacher_model, make_student(0), test_data, "digits")
+        >>> import pandas as pd
+        >>> from workbench import models, reports
+        >>> from workbench.reports.compare import Comparison
+        >>> runs = pd.DataFrame({"method": ["student"], "seed": [0], "accuracy": [0.9], "matched_cka": [0.5],
+        ...                      "seconds": [1.0]})
+        >>> curve = pd.DataFrame({"epoch": [1, 2], "step": [1, 2], "loss": [1.0, 0.5], "eval_accuracy": [0.5, 0.9]})
+        >>> comparison = Comparison(runs, {("student", 0): curve}, teacher_accuracy=0.98,
+        ...                         settings={"epochs": 2, "lr": 0.01, "train_samples": 300})
+        >>> teacher, student = models.create("cnn", widths=(8, 16)), models.create("cnn", widths=(4, 8))
+        >>> sanity = distill_sanity(comparison, "cnn", "cnn", teacher, student, reports.evaluation_data("digits"),
+        ...                         "digits")
+        >>> [flag.subject for flag in sanity.blocking]  # 50 % → 90 % in its last epoch
+        ['method `student`']
     """
     from workbench.data import num_samples
     from workbench.layer_table import first_sample
