@@ -84,9 +84,13 @@ def training_data(dataset: str, size: int, channels: int) -> TensorDataset:
     raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
 
 
-def _build(name: str, dataset: str, size: int, channels: int, model_kwargs: dict[str, Any]) -> nn.Module:
+def _check_image_model(name: str) -> None:
     if name in models.factory._HF_TINY or name.startswith(models.factory._HF_PREFIX):
         raise ValueError(f"trained({name!r}) trains image classifiers; {name!r} is a transformers model")
+
+
+def _build(name: str, dataset: str, size: int, channels: int, model_kwargs: dict[str, Any]) -> nn.Module:
+    _check_image_model(name)
     kwargs = dict(model_kwargs)
     kwargs.setdefault("num_classes", num_classes(dataset))
     kwargs.setdefault("in_chans", channels)
@@ -261,6 +265,7 @@ def trained(
     """
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    _check_image_model(name)
     recipe = default_recipe(name)
     family = recipe.family if epochs is None and lr is None else "custom"
     epochs = recipe.epochs if epochs is None else epochs
