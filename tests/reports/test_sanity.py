@@ -151,3 +151,21 @@ def test_model_stats_in_cards_match_the_counters():
     example = torch.zeros(1, 1, 32, 32)
     card = ModelCard("student", "cnn_small", models.count_parameters(model), models.count_flops(model, example), 0.9, "")
     assert "| student | `cnn_small` | 6,274 | 1.33 M | 90.0 % |" in model_cards_table([card])
+
+
+def test_distill_teacher_still_rising_is_a_warning_but_a_method_withholds():
+    from workbench.reports.sanity import distill_sanity
+    from workbench.train import TrainingRecord
+    from workbench.reports import evaluation_data
+
+    comparison = _comparison([0])  # kd: 0.60 → 0.70 in its last epoch
+    teacher, student = models.create("cnn", widths=(8, 16)), models.create("cnn", widths=(4, 8))
+    # trained("cnn", "animals")'s record: 93.2 % → 96.5 % over its last 2 of 6 epochs
+    teacher.training_record = TrainingRecord("cnn", "digits", 6, 5e-3, (0.717, 0.842, 0.906, 0.932, 0.966, 0.965),
+                                             450, 10, "cnn")
+    comparison.settings.update(lr=0.01, train_samples=300)
+    sanity = distill_sanity(comparison, "cnn", "cnn", teacher, student, evaluation_data("digits"), "digits")
+    assert [(f.subject, f.withholds) for f in sanity.flags] == [("teacher `cnn`", False), ("method `kd`", True)]
+    assert "96.5 %" in sanity.flags[0].problem and "-p teacher_epochs=16" in sanity.flags[0].advice
+    assert [f.subject for f in sanity.blocking] == ["method `kd`"]
+

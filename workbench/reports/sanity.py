@@ -6,7 +6,8 @@ Four flags, each a sentence saying what is wrong and what to do:
   (10 classes: below 32.5 %), or not above chance by a one-sided binomial test at p < 0.001;
 * **still rising**: a training run whose held-out accuracy after the last epoch is more than
   :data:`RISING_POINTS` (3) points above its best before the last quarter of the epochs (at least the
-  last epoch), or that trained a single epoch (nothing to tell convergence by);
+  last epoch), or that trained a single epoch (nothing to tell convergence by); in the distill report
+  the teacher's is a warning (every method learns from the same teacher);
 * **too few CKA samples**: fewer samples than the estimator needs (:mod:`workbench.probes.sample_size`);
 * **student larger than teacher**: the student has more parameters than its teacher — a warning: the
   measurements stay valid, so it does not withhold the conclusions.
@@ -18,7 +19,7 @@ parameters, FLOPs per sample, accuracy, training) and withholds or marks its con
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 __all__ = [
     "Flag", "ModelCard", "Sanity", "RISING_POINTS", "CHANCE_MARGIN", "CHANCE_P_VALUE",
@@ -267,8 +268,10 @@ def _training_text(record: object, weights: object) -> str:
 
 
 def _model_flags(sanity: Sanity, role: str, name: str, model: object, accuracy: float | None, n_samples: int,
-                 num_classes: int, epochs_parameter: str, lr_parameter: str | None, weights: object = None) -> None:
-    """Near-chance and still-rising checks of one model; the advice names the report's parameters."""
+                 num_classes: int, epochs_parameter: str, lr_parameter: str | None, weights: object = None,
+                 rising_withholds: bool = True) -> None:
+    """Near-chance and still-rising checks of one model; the advice names the report's parameters.
+    ``rising_withholds=False``: a still-rising run is a warning only."""
     from workbench.train.cache import training_record
     from workbench.train.recipes import default_recipe
 
@@ -291,7 +294,8 @@ def _model_flags(sanity: Sanity, role: str, name: str, model: object, accuracy: 
         sanity.add(near_chance(accuracy, n_samples, num_classes, subject, advice),
                    f"{role} above chance")
     if record is not None:
-        sanity.add(still_rising(record.eval_accuracy, subject, f"Train longer: {longer}."),
+        rising = still_rising(record.eval_accuracy, subject, f"Train longer: {longer}.")
+        sanity.add(rising if rising is None or rising_withholds else replace(rising, withholds=False),
                    f"{role} converged")
 
 
@@ -387,8 +391,10 @@ def distill_sanity(
                   f"{settings.get('epochs')} epochs at lr {settings.get('lr'):g} on {settings.get('train_samples'):,} "
                   f"images, per method and seed"),
     ]
+    # every method learns from the same teacher, so a teacher still improving is a warning, not a reason to
+    # withhold the comparison of the methods (a teacher near chance is)
     _model_flags(sanity, "teacher", teacher, teacher_model, comparison.teacher_accuracy, n_test, classes,
-                 "teacher_epochs", "teacher_lr", teacher_weights)
+                 "teacher_epochs", "teacher_lr", teacher_weights, rising_withholds=False)
     curves = comparison.curves()
     longer = f"-p epochs={2 * settings.get('epochs', 1)}"
     for method in comparison.methods:
