@@ -23,6 +23,15 @@ from workbench.train.recipes import MEASURED_MODELS, RECIPES, recipe_family
 SMALL_SIZE, SMALL_TRAIN, SMALL_TEST, SMALL_BATCH = 16, 640, 300, 32
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the training runs (fastest for tiny nets on a shared CPU), restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("KD_WORKBENCH_CACHE", str(tmp_path / "cache"))
@@ -43,16 +52,14 @@ def _small_budget_accuracy(name: str, lr: float) -> float:
 
 
 @pytest.mark.parametrize("name", MEASURED_MODELS)
-def test_each_default_recipe_clearly_beats_chance_on_a_small_budget(name):
-    torch.set_num_threads(1)
+def test_each_default_recipe_clearly_beats_chance_on_a_small_budget(name, one_thread):
     score = _small_budget_accuracy(name, default_recipe(name).lr)
     # clearly: out of the sanity box's near-chance zone (32.5 % for 10 classes) and p < 1e-6
     assert near_chance(score, SMALL_TEST, 10, name, "") is None, f"{name}: {score:.1%}"
     assert binomtest(round(score * SMALL_TEST), SMALL_TEST, 0.1, alternative="greater").pvalue < 1e-6
 
 
-def test_the_small_budget_check_can_fail():
-    torch.set_num_threads(1)
+def test_the_small_budget_check_can_fail(one_thread):
     assert near_chance(_small_budget_accuracy("mlp", 1e-7), SMALL_TEST, 10, "mlp", "") is not None
 
 
@@ -98,8 +105,7 @@ def test_report_model_trains_the_file_trained_reads(monkeypatch):
     assert training_record(trained("cnn_small")).epochs == default_recipe("cnn_small").epochs
 
 
-def test_the_record_holds_each_epochs_held_out_accuracy(private_cache):
-    torch.set_num_threads(1)
+def test_the_record_holds_each_epochs_held_out_accuracy(private_cache, one_thread):
     model = trained("cnn_small", epochs=2, lr=5e-3, progress=False, widths=(4, 8))
     record = training_record(model)
     assert (record.epochs, record.lr, record.recipe, record.n_eval, record.num_classes) == (2, 5e-3, "custom", 450, 10)
