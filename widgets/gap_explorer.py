@@ -44,6 +44,7 @@ _PASSED_THROUGH = tuple(
     for name in inspect.signature(cka_matrix).parameters
     if name not in ("teacher", "student", "data", *_CONTROLLED, *_DRIVEN)
 )
+_CKA_BATCH_SIZE = inspect.signature(cka_matrix).parameters["batch_size"].default  # the biased bias is per batch
 COLOUR_RANGES = (("fixed 0–1", "fixed"), ("data range", "data"))
 
 
@@ -373,15 +374,16 @@ class GapExplorer(ipywidgets.VBox):
     def sample_size_warnings(self) -> list[str]:
         """Why the chosen n (and the shown result's n) is too small for its estimator; empty when enough."""
         width = self._widest_layer()
+        batch_size = self.cka_kwargs.get("batch_size", _CKA_BATCH_SIZE)
         warnings = []
         chosen = self.chosen_n_samples()
         if chosen:
-            warning = sample_size_warning(chosen, self.kernel.value, self.debiased.value, width)
+            warning = sample_size_warning(chosen, self.kernel.value, self.debiased.value, width, batch_size)
             if warning:
                 warnings.append(warning)
         result = self.result
         if result is not None:
-            warning = sample_size_warning(result.n_samples, result.kernel, result.debiased, width)
+            warning = sample_size_warning(result.n_samples, result.kernel, result.debiased, width, batch_size)
             if warning and warning not in warnings:
                 warnings.append(f"The matrix shown: {warning}")
         return warnings

@@ -60,3 +60,31 @@ def test_warning_names_the_numbers_and_what_to_use():
 def test_bad_input_is_refused(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_biased_streamed_matrix_is_judged_on_its_batch_size():
+    """The streamed matrix sums per-batch biased HSIC terms: unrelated layers read d / (b + d) for batches of
+    b, however many samples in all, so a biased run on many samples in small batches is flagged."""
+    import torch
+
+    from workbench.similarity import cka_matrix
+
+    torch.manual_seed(0)
+    width, n_samples, batch = 64, 2048, 64
+    x = torch.randn(n_samples, 8)
+    # a model that ignores its input and returns fresh noise: the two layers are independent
+    class Noise(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.out = torch.nn.Identity()
+
+        def forward(self, inputs):
+            return self.out(torch.randn(len(inputs), width))
+
+    value = cka_matrix(Noise(), Noise(), x, ["out"], ["out"], debiased=False, batch_size=batch, device="cpu",
+                       progress=False).values[0, 0]
+    assert abs(value - width / (batch + width)) < 0.03  # 0.50, not the 0.03 of one batch of 2,048
+    assert sample_size_warning(n_samples, "linear", False, width) is None  # judged on the total: missed
+    warning = sample_size_warning(n_samples, "linear", False, width, batch_size=batch)
+    assert warning is not None and "batches of 64" in warning and "0.50" in warning
+    assert sample_size_warning(n_samples, "linear", True, width, batch_size=batch) is None  # debiased: total n

@@ -16,6 +16,12 @@ built-in models' stage widths), 20 draws per point, numpy seed 0:
   heuristic, threshold 0.5) behaves like linear CKA of about 10× the width (d = 512: 0.981 at n = 100,
   0.838 at n = 1,000, 0.508 at n = 5,000; d = 8: 0.094 at n = 500): n ≥ 90 d.
 
+The streamed matrix (``cka_matrix``) sums each batch's HSIC terms, so the biased estimator's bias is
+that of **one batch**: unrelated width-64 layers read 0.50 in batches of 64 and 0.20 in batches of 256
+whatever the total n (``d / (b + d)`` with b the batch size). Give ``batch_size`` and the biased check
+uses ``min(n_samples, batch_size)``; the debiased estimator's per-batch terms are unbiased, so its spread
+follows the total n.
+
 ``tests/probes/test_sample_size.py`` re-measures a point of each claim.
 """
 from __future__ import annotations
@@ -67,10 +73,14 @@ def minimum_samples(kernel: str = "linear", debiased: bool = True, width: int = 
 
 
 def sample_size_warning(
-    n_samples: int, kernel: str = "linear", debiased: bool = True, width: int = DEFAULT_WIDTH
+    n_samples: int, kernel: str = "linear", debiased: bool = True, width: int = DEFAULT_WIDTH,
+    batch_size: int | None = None,
 ) -> str | None:
     """None when ``n_samples`` is enough for the estimator (:func:`minimum_samples`); else one sentence
     saying why a CKA on that few samples is unreliable and what to use instead.
+
+    ``batch_size``: the batches a streamed ``cka_matrix`` used; the biased estimator's bias is that of
+    one batch, so it is judged on ``min(n_samples, batch_size)`` samples.
 
     Example:
         >>> from workbench.probes.sample_size import sample_size_warning
@@ -78,11 +88,16 @@ def sample_size_warning(
         True
         >>> print(sample_size_warning(5))
         CKA on 5 samples is unreliable: with the debiased estimator two unrelated layers can read anywhere within about ±1.0 at this n; use at least 50 samples.
+        >>> print(sample_size_warning(4_608, debiased=False, width=64, batch_size=64))
+        CKA in batches of 64 is unreliable: the biased linear estimator gives two unrelated layers of width 64 about 0.50 per batch; use the debiased estimator (debiased=True, 50 samples or more) or batches of at least 576 samples.
     """
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     needed = minimum_samples(kernel, debiased, width)
-    if n_samples >= needed:
+    batched = not debiased and batch_size is not None and batch_size < n_samples
+    if (min(n_samples, batch_size) if batched else n_samples) >= needed:
         return None
     if debiased:
         # the spread shrinks like 1/n: 2σ ≈ 0.1 at n = 50 (measured), so ≈ 5 / n
@@ -90,6 +105,11 @@ def sample_size_warning(
         return (f"CKA on {n_samples:,} samples is unreliable: with the debiased estimator two unrelated layers "
                 f"can read anywhere within about ±{spread:.1f} at this n; use at least {needed:,} samples.")
     effective_width = width * (RBF_WIDTH_FACTOR if kernel == "rbf" else 1)
+    if batched:
+        bias = effective_width / (batch_size + effective_width)
+        return (f"CKA in batches of {batch_size:,} is unreliable: the biased {kernel} estimator gives two unrelated "
+                f"layers of width {width:,} about {bias:.2f} per batch; use the debiased estimator "
+                f"(debiased=True, {DEBIASED_MINIMUM} samples or more) or batches of at least {needed:,} samples.")
     bias = effective_width / (n_samples + effective_width)
     return (f"CKA on {n_samples:,} samples is unreliable: the biased {kernel} estimator gives two unrelated "
             f"layers of width {width:,} about {bias:.2f} at this n; use the debiased estimator "

@@ -111,9 +111,10 @@ def still_rising(accuracies: Sequence[float], subject: str, advice: str) -> Flag
     return Flag("still_rising", subject, problem, advice)
 
 
-def too_few_samples(n_samples: int, kernel: str, debiased: bool, advice: str) -> Flag | None:
-    """A ``"few_samples"`` flag when CKA on ``n_samples`` is unreliable for this estimator
-    (:func:`workbench.probes.sample_size.sample_size_warning`), else None.
+def too_few_samples(n_samples: int, kernel: str, debiased: bool, advice: str,
+                    batch_size: int | None = None) -> Flag | None:
+    """A ``"few_samples"`` flag when CKA on ``n_samples`` (streamed in batches of ``batch_size``) is
+    unreliable for this estimator (:func:`workbench.probes.sample_size.sample_size_warning`), else None.
 
     Example:
         >>> too_few_samples(5, "linear", True, "Use -p n_samples=450.").problem[:30]
@@ -121,7 +122,7 @@ def too_few_samples(n_samples: int, kernel: str, debiased: bool, advice: str) ->
     """
     from workbench.probes.sample_size import sample_size_warning
 
-    warning = sample_size_warning(n_samples, kernel, debiased)
+    warning = sample_size_warning(n_samples, kernel, debiased, batch_size=batch_size)
     return None if warning is None else Flag("few_samples", "CKA", warning, advice)
 
 
@@ -302,7 +303,7 @@ def _model_flags(sanity: Sanity, role: str, name: str, model: object, accuracy: 
 def gap_sanity(
     teacher: str, student: str, teacher_model: object, student_model: object, data: object, predictions: object,
     cka: object, kernel: str, debiased: bool, dataset: str, teacher_weights: object = None,
-    student_weights: object = None,
+    student_weights: object = None, batch_size: int | None = None,
 ) -> Sanity:
     """The gap report's checks: both models above chance (on the report's held-out samples) and trained
     to convergence (their training records), CKA on enough samples, the student no larger than the
@@ -336,7 +337,8 @@ def gap_sanity(
     needed = _needed(kernel, debiased)
     sanity.add(too_few_samples(cka.n_samples, kernel, debiased,
                                f"Measure on more samples (-p n_samples={needed})"
-                               + ("." if debiased else " or use the debiased estimator (-p debiased=true).")),
+                               + ("." if debiased else " in larger batches (-p batch_size) or use the debiased "
+                                                       "estimator (-p debiased=true)."), batch_size),
                f"CKA on {cka.n_samples:,} samples")
     sanity.add(larger_student(sanity.cards[0].parameters, sanity.cards[1].parameters,
                               f"Swap them (-p teacher={student} -p student={teacher}) or choose a smaller student."),
