@@ -128,7 +128,7 @@ def test_an_entry_without_its_record_is_trained_again(monkeypatch, private_cache
     cache.record_path(weights).unlink()  # as left by the code before training records
     record = training_record(trained("mlp", epochs=3, progress=False, hidden=(8,)))
     assert len(calls) == 2 and record.eval_accuracy == pytest.approx((0.1, 0.2, 0.3))
-    assert calls[0]["lr"] == default_recipe("mlp").lr and calls[0]["last_batch"] == "merge"
+    assert calls[0]["lr"] == default_recipe("mlp").lr and calls[0]["last_batch"] == cache.LAST_BATCH == "keep"
     assert len(calls[0]["eval"]) == 450  # scored on the digits test split
 
 
