@@ -18,6 +18,7 @@ from workbench.losses.dist import DIST
 from workbench.losses.dkd import DKD
 from workbench.losses.features import AttentionTransfer, CosineHint, FitNet, NormDirection, class_means
 from workbench.losses.logits import KD, JensenShannon, ReverseKL
+from workbench.losses.ofa import OFALoss
 from workbench.losses.projectors import Projector, make_projector
 from workbench.losses.relations import PKT, RKD, SimilarityPreserving
 from workbench.losses.taid import TAID
@@ -33,6 +34,7 @@ __all__ = [
     "JensenShannon",
     "KD",
     "NormDirection",
+    "OFALoss",
     "PKT",
     "ProjectedTerm",
     "Projector",
