@@ -31,6 +31,8 @@ __all__ = ["Distiller"]
 
 # History columns fit writes; a term may not take one of these names.
 RESERVED_NAMES = ("ce", "loss", "epoch", "step", "lr", "eval_accuracy")
+# In a ``layers`` pair, this word stands for the model's logits instead of a layer.
+LOGITS = "logits"
 TermSpec = nn.Module | tuple[nn.Module, float]
 
 
@@ -62,7 +64,11 @@ class Distiller(nn.Module):
     ``terms`` maps a name to ``(term, weight)`` (or a bare term, weight 1). A term named in ``layers``
     gets the features of ``layers[name] = (teacher_layer, student_layer)`` (exact names, or a glob /
     selector that picks exactly one layer), captured with :func:`workbench.capture`; the others get
-    both models' logits. Cross-entropy on the labels is added with ``ce_weight`` (0 turns it off; the
+    both models' logits. Either side may be :attr:`Distiller.LOGITS` (the word ``"logits"``) for that
+    model's logits instead of a layer: ``("logits", "blocks.0")`` calls
+    ``term(student_features_at_blocks.0, teacher_logits, targets)``; ``("logits", "logits")`` is a plain
+    logit term. The word always means the logits; a module literally named ``logits`` is reached with
+    the glob ``"logit[s]"`` (a warning says so when a model has one). Cross-entropy on the labels is added with ``ce_weight`` (0 turns it off; the
     value is still logged when batches carry labels). The teacher is frozen (``requires_grad=False``),
     put in eval mode (with a warning when it was training) and run under ``no_grad``.
 
@@ -101,6 +107,8 @@ class Distiller(nn.Module):
         >>> len(distiller.trainable_parameters())  # 4 student tensors + the hint projector's weight and bias
         6
     """
+
+    LOGITS = LOGITS
 
     def __init__(
         self,
@@ -160,11 +168,25 @@ class Distiller(nn.Module):
         if unknown:
             raise ValueError(f"layers names terms that do not exist: {unknown}; the terms are {list(self.terms)}")
         pairs = {}
+        self.logit_flags: dict[str, tuple[bool, bool]] = {}  # (teacher side, student side) are logits
         for name, pair in layers.items():
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
                 raise ValueError(f"layers[{name!r}] must be a (teacher_layer, student_layer) pair of names, got {pair!r}")
+            sides = (("teacher", self.teacher, pair[0]), ("student", self.student, pair[1]))
+            for role, model, selector in sides:
+                if selector == LOGITS and LOGITS in dict(model.named_modules()):
+                    warnings.warn(
+                        f"layers[{name!r}]: {role} side {LOGITS!r} means the {role}'s logits (the model's "
+                        f"output), not its module named {LOGITS!r}; write 'logit[s]' for that module",
+                        stacklevel=3,
+                    )
+            if pair[0] == LOGITS and pair[1] == LOGITS:
+                continue  # both sides logits: a plain logit term
             resolved = []
-            for role, model, selector in (("teacher", self.teacher, pair[0]), ("student", self.student, pair[1])):
+            for role, model, selector in sides:
+                if selector == LOGITS:
+                    resolved.append(LOGITS)
+                    continue
                 try:
                     names = resolve_layers(model, selector)
                 except KeyError as error:
@@ -176,11 +198,16 @@ class Distiller(nn.Module):
                     )
                 resolved.append(names[0])
             pairs[name] = (resolved[0], resolved[1])
+            self.logit_flags[name] = (pair[0] == LOGITS, pair[1] == LOGITS)
         return pairs
 
     def logit_terms(self) -> list[str]:
         """Names of the terms that compare logits (those without a ``layers`` entry)."""
         return [name for name in self.terms if name not in self.layers]
+
+    def _logit_side(self, side: int) -> list[str]:
+        """Terms that read the logits on ``side`` (0 teacher, 1 student): logit terms and mixed terms."""
+        return [name for name in self.terms if name not in self.layers or self.logit_flags[name][side]]
 
     def _check_class_counts(self, student_classes: int | None = None, teacher_classes: int | None = None) -> None:
         student_classes = student_classes or getattr(self.student, "num_classes", None)
@@ -291,8 +318,8 @@ class Distiller(nn.Module):
         targets = None if targets is None else targets.to(device)
         if self.teacher.training:
             self.freeze_teacher()
-        teacher_layers = sorted({pair[0] for pair in self.layers.values()})
-        student_layers = sorted({pair[1] for pair in self.layers.values()})
+        teacher_layers = sorted({pair[0] for name, pair in self.layers.items() if not self.logit_flags[name][0]})
+        student_layers = sorted({pair[1] for name, pair in self.layers.items() if not self.logit_flags[name][1]})
         teacher_features: dict[str, torch.Tensor] = {}
         teacher_output = None
         if self.terms:
@@ -302,31 +329,41 @@ class Distiller(nn.Module):
         parts: dict[str, torch.Tensor] = {}
         total: torch.Tensor | None = None
         logit_terms = self.logit_terms()
+        student_side, teacher_side = self._logit_side(1), self._logit_side(0)
         student_logits = teacher_logits = None
-        if logit_terms or self.ce_weight != 0 or targets is not None:
+        if student_side or self.ce_weight != 0 or targets is not None:
             try:
                 student_logits = logits_of(student_output, self.student)
             except TypeError:
-                if logit_terms or self.ce_weight != 0:
+                if student_side or self.ce_weight != 0:
                     raise
                 # a headless student distilled on features only: no logits, so no CE to log
-        if logit_terms:
+        if teacher_side:
             teacher_logits = logits_of(teacher_output, self.teacher)
+        if logit_terms:
             self._check_class_counts(student_logits.shape[-1], teacher_logits.shape[-1])
         if targets is not None and student_logits is not None:
             parts["ce"] = cross_entropy(student_logits, targets, mask=mask, shift=self.shift_labels)
             total = self.ce_weight * parts["ce"]  # kept in the graph at weight 0, so DDP sees every parameter
-        if logit_terms:
+        term_targets = targets
+        if student_side or teacher_side:
+            # each logit side as the logit terms get it (token rows, labels aligned with the predictions)
+            reference = student_logits if student_logits is not None else teacher_logits
             student_logits, teacher_logits, term_targets = self._logit_rows(
-                student_logits, teacher_logits, targets, mask
+                reference if student_logits is None else student_logits,
+                reference if teacher_logits is None else teacher_logits, targets, mask,
             )
         for name, term in self.terms.items():
             if name in self.layers:
                 teacher_layer, student_layer = self.layers[name]
-                student_value, teacher_value = student_features[student_layer], teacher_features[teacher_layer]
+                teacher_reads_logits, student_reads_logits = self.logit_flags[name]
+                mixed = teacher_reads_logits or student_reads_logits
+                student_value = student_logits if student_reads_logits else student_features[student_layer]
+                teacher_value = teacher_logits if teacher_reads_logits else teacher_features[teacher_layer]
                 if mask is not None:
                     student_value, teacher_value = token_rows(student_value, mask), token_rows(teacher_value, mask)
-                value = term(student_value, teacher_value, targets)
+                # a side that is logits has its labels aligned as logit terms do; pure feature terms as before
+                value = term(student_value, teacher_value, term_targets if mixed else targets)
             else:
                 value = term(student_logits, teacher_logits, term_targets)
             if not isinstance(value, torch.Tensor) or value.dim() != 0:
