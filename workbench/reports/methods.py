@@ -148,6 +148,8 @@ def _terms() -> dict[str, TermKind]:
         TermKind("js", losses.JensenShannon, "logits", "Jensen–Shannon", "Lin 1991; Agarwal et al. 2024",
                  shown=("T",), aliases=("jsd", "jensen_shannon")),
         TermKind("taid", losses.TAID, "logits", "TAID", "Shing et al. 2025", shown=("alpha_start", "alpha_end")),
+        TermKind("ofa", losses.OFALoss, "logits", "OFA loss (adaptive target) on the final logits", "Hao et al. 2023",
+                 shown=("gamma", "T"), aliases=("ofa_kd",)),
         TermKind("fitnet", losses.FitNet, "features", "FitNet hint (1×1-conv projector, MSE)", "Romero et al. 2015",
                  placement="middle", aliases=("fitnets", "hint")),
         TermKind("at", losses.AttentionTransfer, "features", "attention transfer", "Zagoruyko & Komodakis 2017",
@@ -360,7 +362,7 @@ def parse_method(text: str) -> MethodSpec:
         >>> parse_method("fitnett")
         Traceback (most recent call last):
         ...
-        ValueError: method 'fitnett': unknown term 'fitnett'; did you mean 'fitnet'? the terms are ['kd', 'dkd', 'dist', 'rkl', 'js', 'taid', 'fitnet', 'at', 'nd', 'cosine', 'rkd', 'sp', 'pkt', 'cka'] (or 'student' alone)
+        ValueError: method 'fitnett': unknown term 'fitnett'; did you mean 'fitnet'? the terms are ['kd', 'dkd', 'dist', 'rkl', 'js', 'taid', 'ofa', 'fitnet', 'at', 'nd', 'cosine', 'rkd', 'sp', 'pkt', 'cka'] (or 'student' alone)
     """
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"a method must be a non-empty string such as 'kd' or 'kd+fitnet@blocks.1', got {text!r}")
