@@ -47,14 +47,9 @@ def evaluation_data(dataset: str = "digits", n_samples: int = 450) -> Any:
         >>> len(evaluation_data("digits")), len(evaluation_data("animals")), len(evaluation_data("shapes", 64))
         (450, 1944, 64)
     """
-    from workbench import data
-    from workbench.train.cache import num_classes
+    from workbench.train.cache import evaluation_split
 
-    num_classes(dataset)  # a known name, or the error that lists them
-    if dataset == "shapes":
-        return data.shapes(n_samples, size=IMAGE_SIZE, channels=CHANNELS, seed=0)
-    split = {"digits": data.digits, "animals": data.animals}[dataset]
-    return split("test", size=IMAGE_SIZE, channels=CHANNELS)
+    return evaluation_split(dataset, IMAGE_SIZE, CHANNELS, n_shapes=n_samples)
 
 
 def report_model(

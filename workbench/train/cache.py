@@ -114,9 +114,9 @@ def cache_path(name: str, settings: dict[str, Any]) -> Path:
     return cache_dir() / f"{safe_name}-{settings.get('dataset', 'data')}-{digest}.safetensors"
 
 
-def evaluation_split(dataset: str, size: int, channels: int) -> TensorDataset:
-    """The held-out data :func:`trained` scores each epoch on: ``digits("test")``, ``animals("test")``
-    or ``shapes(512, seed=0)`` (never seen in training).
+def evaluation_split(dataset: str, size: int, channels: int, n_shapes: int = SHAPES_EVAL_SIZE) -> TensorDataset:
+    """The held-out data :func:`trained` scores each epoch on (and the reports measure on):
+    ``digits("test")``, ``animals("test")`` or ``shapes(n_shapes, seed=0)`` (never seen in training).
 
     Example:
         >>> from workbench.train.cache import evaluation_split
@@ -128,7 +128,7 @@ def evaluation_split(dataset: str, size: int, channels: int) -> TensorDataset:
     if dataset == "animals":
         return wb_data.animals("test", size=size, channels=channels)
     if dataset == "shapes":
-        return wb_data.shapes(SHAPES_EVAL_SIZE, size=size, channels=channels, seed=0)
+        return wb_data.shapes(n_shapes, size=size, channels=channels, seed=0)
     raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
 
 
