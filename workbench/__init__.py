@@ -9,7 +9,8 @@ Example:
 from workbench import data, losses, models, similarity, train
 from workbench.capture import capture, layer_names, resolve_layers, stage_names
 from workbench.layer_table import layer_table
+from workbench.probes import branch_accuracy
 from workbench.train import Distiller
 
-__all__ = ["Distiller", "capture", "data", "layer_names", "layer_table", "losses", "models", "resolve_layers", "similarity", "stage_names", "train"]
+__all__ = ["Distiller", "branch_accuracy", "capture", "data", "layer_names", "layer_table", "losses", "models", "resolve_layers", "similarity", "stage_names", "train"]
 __version__ = "0.1.0"

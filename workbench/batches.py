@@ -300,13 +300,14 @@ def prediction_targets(targets: torch.Tensor, mask: torch.Tensor | None, shift: 
 
 
 def cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, *, mask: torch.Tensor | None = None, shift: bool = False
+    logits: torch.Tensor, targets: torch.Tensor, *, mask: torch.Tensor | None = None, shift: bool = False,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Cross-entropy on ``[n, C]`` logits, or token logits ``[n, t, C]`` with ``[n, t]`` labels.
 
     Token labels go through :func:`prediction_targets` (padding and -100 skipped, shifted by one for
     causal models); the value is the mean over the positions left — Hugging Face's causal LM loss
-    when ``shift=True``.
+    when ``shift=True``. ``label_smoothing`` as in :func:`torch.nn.functional.cross_entropy`.
 
     Example:
         >>> import torch
@@ -315,10 +316,11 @@ def cross_entropy(
     """
     if logits.dim() > 2:
         targets = prediction_targets(targets, mask, shift)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                               label_smoothing=label_smoothing)
     if shift:
         prediction_targets(targets, None, shift)  # refuses: one label per sample cannot shift
-    return F.cross_entropy(logits, targets)
+    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
 
 def count_correct(

@@ -18,7 +18,7 @@ from workbench.losses.dist import DIST
 from workbench.losses.dkd import DKD
 from workbench.losses.features import AttentionTransfer, CosineHint, FitNet, NormDirection, class_means
 from workbench.losses.logits import KD, JensenShannon, ReverseKL
-from workbench.losses.ofa import OFALoss
+from workbench.losses.ofa import OFABranch, OFALoss, OFASetup, ofa_terms
 from workbench.losses.projectors import Projector, make_projector
 from workbench.losses.relations import PKT, RKD, SimilarityPreserving
 from workbench.losses.taid import TAID
@@ -34,7 +34,9 @@ __all__ = [
     "JensenShannon",
     "KD",
     "NormDirection",
+    "OFABranch",
     "OFALoss",
+    "OFASetup",
     "PKT",
     "ProjectedTerm",
     "Projector",
@@ -45,4 +47,5 @@ __all__ = [
     "Term",
     "class_means",
     "make_projector",
+    "ofa_terms",
 ]

@@ -68,9 +68,10 @@ class Distiller(nn.Module):
     model's logits instead of a layer: ``("logits", "blocks.0")`` calls
     ``term(student_features_at_blocks.0, teacher_logits, targets)``; ``("logits", "logits")`` is a plain
     logit term. The word always means the logits; a module literally named ``logits`` is reached with
-    the glob ``"logit[s]"`` (a warning says so when a model has one). Cross-entropy on the labels is added with ``ce_weight`` (0 turns it off; the
-    value is still logged when batches carry labels). The teacher is frozen (``requires_grad=False``),
-    put in eval mode (with a warning when it was training) and run under ``no_grad``.
+    the glob ``"logit[s]"`` (a warning says so when a model has one). Cross-entropy on the labels is added with
+    ``ce_weight`` (0 turns it off; the value is still logged when batches carry labels), with
+    ``label_smoothing`` (0 by default; OFA-KD's recipe, :func:`workbench.losses.ofa_terms`, uses 0.1).
+    The teacher is frozen (``requires_grad=False``), put in eval mode (with a warning when it was training) and run under ``no_grad``.
 
     Language models (batches read by :mod:`workbench.batches`): a dict batch reaches both models whole,
     minus its labels (``attention_mask``, ``token_type_ids``, … included). Padding is not a sample: token
@@ -119,6 +120,7 @@ class Distiller(nn.Module):
         ce_weight: float = 1.0,
         *,
         shift_labels: bool | None = None,
+        label_smoothing: float = 0.0,
         example: Any = None,
     ) -> None:
         super().__init__()
@@ -131,6 +133,9 @@ class Distiller(nn.Module):
         self.__dict__["_teacher"] = teacher  # not a submodule: out of parameters(), state_dict() and DDP
         self.freeze_teacher()
         self.ce_weight = check_weight("ce_weight", ce_weight)
+        self.label_smoothing = check_weight("label_smoothing", label_smoothing)
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         self.shift_labels = resolve_shift(student, shift_labels)
         self.terms = nn.ModuleDict()
         self.weights: dict[str, float] = {}
@@ -343,7 +348,8 @@ class Distiller(nn.Module):
         if logit_terms:
             self._check_class_counts(student_logits.shape[-1], teacher_logits.shape[-1])
         if targets is not None and student_logits is not None:
-            parts["ce"] = cross_entropy(student_logits, targets, mask=mask, shift=self.shift_labels)
+            parts["ce"] = cross_entropy(student_logits, targets, mask=mask, shift=self.shift_labels,
+                                        label_smoothing=self.label_smoothing)
             total = self.ce_weight * parts["ce"]  # kept in the graph at weight 0, so DDP sees every parameter
         term_targets = targets
         if student_side or teacher_side:
@@ -404,5 +410,7 @@ class Distiller(nn.Module):
 
     def extra_repr(self) -> str:
         weights = ", ".join(f"{name}={weight:g}" for name, weight in {"ce": self.ce_weight, **self.weights}.items())
+        if self.label_smoothing:
+            weights += f" (label smoothing {self.label_smoothing:g})"
         layers = f", layers={self.layers}" if self.layers else ""
         return f"teacher={type(self.teacher).__name__} (frozen, not a submodule), weights: {weights}{layers}"
