@@ -182,13 +182,16 @@ def test_unknown_layers_name_the_term_the_side_and_the_nearest_names(pair):
         check_method_layers("rkd", torch.nn.Identity(), student)
 
 
-def test_history_columns_are_readable_and_unique(pair):
+def test_history_columns_are_readable_and_unique(pair, data):
     teacher, student = pair
     columns = [p.column for p in plan_method("kd+kd(T=2)+at@stages+rkd+rkd@b.0", ["a.0", "a.1"], ["b.0", "b.1"])]
     assert columns == ["kd", "kd_2", "at@a_0:b_0", "at@a_1:b_1", "rkd@a_1:b_1", "rkd@b_0"]
-    names = list(method_distiller("+".join(TERMS), teacher, student).terms)
+    names = list(method_distiller("+".join(TERMS), teacher, student, data=data).terms)
     at = list(TERMS).index("at")  # attention transfer sits at both stages: one column each
-    assert names == list(TERMS)[:at] + ["at@blocks_0", "at@blocks_1"] + list(TERMS)[at + 1:]
+    ofa = list(TERMS).index("ofa")  # OFA-KD: its final-logit term, then a branch per student stage
+    expected = list(TERMS)[:ofa + 1] + ["ofa@blocks_0", "ofa@blocks_1"] + list(TERMS)[ofa + 1:at]
+    expected += ["at@blocks_0", "at@blocks_1"] + list(TERMS)[at + 1:]
+    assert sorted(names) == sorted(expected) and len(names) == len(expected)
     assert not set(names) & set(RESERVED_NAMES)
 
 
@@ -324,3 +327,39 @@ def test_a_weighted_method_renders_as_written_in_the_markdown_table():
                          "matched_cka": [0.1, 0.2], "seconds": [1.0, 1.0]})
     html = mistune.html(compare.Comparison(runs).to_markdown())
     assert "<td>kd*0.5+rkd@last*2</td>" in html and "<em>" not in html
+
+
+def test_ofa_method_is_ofa_terms_with_label_smoothing(pair, data):
+    from workbench.losses import OFABranch, ofa_terms
+
+    teacher, student = pair
+    distiller = method_distiller("ofa(gamma=1.3, T=2)*0.5", teacher, student, data=data, seed=4)
+    setup = ofa_terms(teacher, student, (data[0][:8], data[1][:8]), gamma=1.3, T=2.0, kd_weight=0.5, ofa_weight=0.5,
+                      seed=4)
+    assert distiller.label_smoothing == 0.1 and distiller.weights == {name: w for name, (_, w) in setup["terms"].items()}
+    assert distiller.layers == setup["layers"] == {"ofa@blocks_0": ("logits", "blocks.0"),
+                                                  "ofa@blocks_1": ("logits", "blocks.1")}
+    for name, (term, _) in setup["terms"].items():  # the same branches, weight for weight (same seed)
+        assert type(distiller.terms[name]) is type(term)
+        for a, b in zip(distiller.terms[name].state_dict().values(), term.state_dict().values()):
+            assert torch.equal(a, b)
+    assert isinstance(distiller.terms["ofa@blocks_1"], OFABranch) and distiller.terms["ofa"].gamma == 1.3
+    assert list(method_distiller("kd+ofa@last", teacher, student, data=data).terms) == ["kd", "ofa", "ofa@blocks_1"]
+    assert describe_method("ofa@last").startswith("CE + OFA-KD (γ=1, T=1) on the final logits and a logit branch at "
+                                                  "the student's last stage")
+
+
+@pytest.mark.parametrize("method, message", [
+    ("ofa@blocks.1:blocks.0", "read only the teacher's logits; write ofa@blocks.0"),
+    ("ofa+ofa@last", "ofa appears twice"),
+    ("ofa@blokcs.1", "student side: .* closest names"),
+])
+def test_ofa_method_errors(pair, data, method, message):
+    teacher, student = pair
+    with pytest.raises(ValueError, match=message):
+        method_distiller(method, teacher, student, data=data)
+
+
+def test_ofa_method_needs_data(pair):
+    with pytest.raises(ValueError, match="pass data="):
+        method_distiller("ofa", *pair)

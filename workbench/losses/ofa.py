@@ -22,9 +22,11 @@ from workbench.capture import LayerSelector, capture, resolve_layers, stage_name
 from workbench.losses.base import Term, check_setting, logit_rows
 from workbench.losses.ofa_branches import branch_family, make_branch
 
-__all__ = ["OFALoss", "OFABranch", "OFASetup", "ofa_terms", "ENHANCE_MODES"]
+__all__ = ["OFALoss", "OFABranch", "OFASetup", "ofa_terms", "branch_column", "ENHANCE_MODES", "LOGITS"]
 
 ENHANCE_MODES = ("released", "target")
+# The Distiller's word for "this side reads the model's logits" (workbench.train.Distiller.LOGITS).
+LOGITS = "logits"
 
 
 class OFALoss(Term):
@@ -165,7 +167,13 @@ def _per_stage(name: str, value: Any, count: int, positive: bool) -> list[float]
     return [check_setting("ofa_terms", name, item, positive=positive) for item in values]
 
 
-def _column(layer: str) -> str:
+def branch_column(layer: str) -> str:
+    """The term name (fit history column) of the branch on student ``layer``: dots become ``_``.
+
+    Example:
+        >>> branch_column("blocks.0")
+        'ofa@blocks_0'
+    """
     return "ofa@" + layer.replace(".", "_")
 
 
@@ -284,9 +292,9 @@ def ofa_terms(
             branch = make_branch(shape, position, count, int(classes), int(width), family=family,
                                  prefix=getattr(student, "num_prefix_tokens", None), target_grid=target_grid,
                                  layer=layer)
-            column = _column(layer)
+            column = branch_column(layer)
             terms[column] = (OFABranch(branch, OFALoss(gamma=gamma_i, T=T, enhance=enhance)), weight)
-            pairs[column] = ("logits", layer)
+            pairs[column] = (LOGITS, layer)
             columns[layer] = column
     parameter = next(student.parameters(), None)
     if parameter is not None:  # the branches live where the student does

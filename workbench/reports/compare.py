@@ -309,7 +309,7 @@ def run_comparison(
         for seed in seeds:
             student = make_student(seed)
             model = method_distiller(method, teacher, student, weights.get(method), feature_layers, data=train,
-                                     total_steps=total_steps)
+                                     total_steps=total_steps, seed=seed)
             started = time.perf_counter()
             history = fit(model, train, test, epochs=epochs, lr=lr, batch_size=batch_size, schedule="cosine",
                           seed=seed, device=device, progress=progress,

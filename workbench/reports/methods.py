@@ -11,8 +11,11 @@ Syntax (spaces allowed between the parts)::
   (weight 1) and adds its terms: ``CE + Σ weight · term``.
 - ``name``: ``kd``, ``dkd``, ``dist``, ``rkl`` (reverse KL), ``js`` (Jensen–Shannon), ``taid`` — logit
   terms — and ``fitnet``, ``at`` (attention transfer), ``nd`` (norm and direction), ``cosine`` (cosine
-  hint), ``rkd``, ``sp`` (similarity preserving), ``pkt``, ``cka`` — feature terms (see :data:`TERMS`;
-  the class names, e.g. ``AttentionTransfer``, and a few aliases are accepted, in any case).
+  hint), ``rkd``, ``sp`` (similarity preserving), ``pkt``, ``cka`` — feature terms — and ``ofa``
+  (OFA-KD, :func:`workbench.losses.ofa_terms`: the OFA loss on the final logits and on a logit branch
+  at every student stage, ``ofa@last`` / ``ofa@middle`` / ``ofa@<student layer>`` for one; it reads
+  only the teacher's logits, and its cross-entropy has label smoothing 0.1 as the authors') (see
+  :data:`TERMS`; the class names, e.g. ``AttentionTransfer``, and a few aliases are accepted, in any case).
 - settings are the term's constructor keywords, values JSON numbers or ``true`` / ``false`` (a word
   such as ``linear`` for TAID's ``schedule``): ``kd(T=2)``, ``dkd(beta=4)``, ``rkd(angle_weight=0)``.
 - layers (feature terms only; logit terms refuse them): ``stages`` is one term per matched pair of
@@ -63,6 +66,8 @@ from torch import nn
 
 from workbench import losses
 from workbench.capture import capture, resolve_layers, stage_names
+from workbench.losses.ofa import LOGITS as BRANCH_LOGITS
+from workbench.losses.ofa import branch_column, ofa_terms
 from workbench.train.distiller import Distiller
 
 __all__ = [
@@ -78,7 +83,8 @@ HIDDEN_KEYWORDS = ("projector", "class_means", "auto_update", "teacher_detach")
 
 @dataclass(frozen=True)
 class TermKind:
-    """One loss term by name: its class, ``kind`` (``"logits"`` or ``"features"``), default ``weight`` and
+    """One loss term by name: its class, ``kind`` (``"logits"``, ``"features"`` or ``"branches"``: OFA-KD's
+    logit branches on student layers), default ``weight`` and
     ``settings`` (on top of the constructor's), ``placement`` (the layers it takes under
     ``feature_layers="auto"``), the words for descriptions (``label``, ``shown`` settings, ``paper``)
     and accepted ``aliases``."""
@@ -148,8 +154,8 @@ def _terms() -> dict[str, TermKind]:
         TermKind("js", losses.JensenShannon, "logits", "Jensen–Shannon", "Lin 1991; Agarwal et al. 2024",
                  shown=("T",), aliases=("jsd", "jensen_shannon")),
         TermKind("taid", losses.TAID, "logits", "TAID", "Shing et al. 2025", shown=("alpha_start", "alpha_end")),
-        TermKind("ofa", losses.OFALoss, "logits", "OFA loss (adaptive target) on the final logits", "Hao et al. 2023",
-                 shown=("gamma", "T"), aliases=("ofa_kd",)),
+        TermKind("ofa", losses.OFALoss, "branches", "OFA-KD", "Hao et al. 2023", placement="stages",
+                 shown=("gamma", "T"), aliases=("ofa_kd", "ofakd")),
         TermKind("fitnet", losses.FitNet, "features", "FitNet hint (1×1-conv projector, MSE)", "Romero et al. 2015",
                  placement="middle", aliases=("fitnets", "hint")),
         TermKind("at", losses.AttentionTransfer, "features", "attention transfer", "Zagoruyko & Komodakis 2017",
@@ -300,8 +306,13 @@ def _settings(kind: TermKind, body: str, text: str) -> tuple[tuple[str, Any], ..
 def _layers(kind: TermKind, layers: str, text: str) -> str:
     if kind.kind == "logits":
         raise ValueError(f"method {text!r}: {kind.name} compares logits and takes no layers; drop '@{layers}' "
-                         f"(feature terms take layers: {[k.name for k in TERMS.values() if k.kind == 'features']})")
-    return check_layer_rule(layers, f"method {text!r}: {kind.name}@")
+                         f"(feature terms take layers: {[k.name for k in TERMS.values() if k.kind != 'logits']})")
+    rule = check_layer_rule(layers, f"method {text!r}: {kind.name}@")
+    if kind.kind == "branches" and ":" in rule:
+        raise ValueError(f"method {text!r}: {kind.name}'s branches hang on student layers and read only the "
+                         f"teacher's logits; write {kind.name}@{rule.partition(':')[2]} (a student layer, "
+                         "stages, middle or last)")
+    return rule
 
 
 def check_layer_rule(rule: str, context: str = "layers ") -> str:
@@ -419,6 +430,15 @@ def _rule_pairs(rule: str, teacher_stages: list[str], student_stages: list[str])
     return [(teacher_layer, student_layer or teacher_layer)]
 
 
+def _branch_layers(rule: str, student_stages: list[str]) -> list[str]:
+    """The student layers an OFA-KD rule gives branches: every stage, the middle or last one, or a name."""
+    if rule in LAYER_RULES:
+        if not student_stages:
+            raise ValueError(f"the student has no stages for '@{rule}'; name the layer instead (ofa@layer)")
+        return {"stages": student_stages, "middle": [_middle(student_stages)], "last": student_stages[-1:]}[rule]
+    return [rule]
+
+
 @dataclass(frozen=True)
 class PlannedTerm:
     """One Distiller term of a method: its history ``column``, the ``term`` as written, its ``layers``
@@ -459,13 +479,22 @@ def plan_method(
         if kind.kind == "logits":
             planned.append((term, None, chosen))
             continue
+        if kind.kind == "branches":  # OFA-KD: its loss on the final logits, then a branch per student layer
+            rule = term.layers or kind.placement
+            planned.append((term, None, chosen))
+            planned += [(term, (BRANCH_LOGITS, layer), chosen) for layer in _branch_layers(rule, student_stages)]
+            continue
         rule = term.layers or (kind.placement if feature_layers == "auto" else feature_layers)
         planned += [(term, pair, chosen) for pair in _rule_pairs(rule, teacher_stages, student_stages)]
     uses = Counter(term.name for term, _, _ in planned)
+    if sum(term.kind.kind == "branches" for term in spec.terms) > 1:
+        raise ValueError("ofa appears twice; one OFA-KD term sets up every branch")
     result, seen = [], set()
     for term, layers, chosen in planned:
         column = term.name
-        if uses[term.name] > 1 and layers is not None:
+        if term.kind.kind == "branches" and layers is not None:
+            column = branch_column(layers[1])
+        elif uses[term.name] > 1 and layers is not None:
             label = layers[1] if layers[0] == layers[1] else f"{layers[0]}:{layers[1]}"
             column = f"{term.name}@{label.replace('.', '_')}"
         unique, number = column, 2
@@ -506,6 +535,8 @@ def check_method_layers(
 
 def _check_pair(pair: tuple[str, str], teacher: nn.Module, student: nn.Module) -> None:
     for role, model, layer in (("teacher", teacher, pair[0]), ("student", student, pair[1])):
+        if layer == BRANCH_LOGITS and role == "teacher":
+            continue  # a branch reads the teacher's logits, not a layer
         try:
             resolve_layers(model, layer)
         except KeyError as error:
@@ -574,6 +605,21 @@ def _make_term(item: PlannedTerm, total_steps: int | None) -> nn.Module:
                          f" or write {item.term.name}(total_steps=N)") from None
 
 
+def _ofa_setup(items: list[PlannedTerm], teacher: nn.Module, student: nn.Module, data: Any, seed: int | None) -> Any:
+    """OFA-KD's terms for the planned ``ofa`` items (the final-logit one first, then one per branch)."""
+    from workbench.batches import inputs_of, targets_of
+    from workbench.data import as_loader
+
+    if data is None:
+        raise ValueError(f"{str(items[0].term)!r}: OFA-KD sizes its branches on one batch; pass data= (the "
+                         "training set) to method_distiller")
+    example = next(iter(as_loader(data, batch_size=8)))
+    example = (inputs_of(example), targets_of(example))
+    final, *stages = items
+    return ofa_terms(teacher, student, example, [item.layers[1] for item in stages], **dict(final.term.settings),
+                     kd_weight=final.weight, ofa_weight=[item.weight for item in stages], seed=seed)
+
+
 def method_distiller(
     method: str | MethodSpec,
     teacher: nn.Module,
@@ -583,6 +629,7 @@ def method_distiller(
     *,
     data: Any = None,
     total_steps: int | None = None,
+    seed: int | None = None,
 ) -> nn.Module:
     """The thing to train for ``method``: a :class:`~workbench.train.Distiller`, or ``student`` itself for
     ``"student"``.
@@ -591,7 +638,10 @@ def method_distiller(
     ``feature_layers`` places feature terms written without ``@`` (see :func:`plan_method`). ``data``
     (labelled, e.g. the training set) gives the ND term the teacher's class means over it (without it,
     ND uses the batch's). ``total_steps`` (the run's optimizer steps) gives TAID the linear floor of its
-    schedule, unless the method sets ``taid(total_steps=…)``. History columns are the planned term names.
+    schedule, unless the method sets ``taid(total_steps=…)``. ``ofa`` (OFA-KD) is set up by
+    :func:`workbench.losses.ofa_terms` on the first batch of ``data`` (which it needs, to size the
+    branches), with the cross-entropy's label smoothing 0.1 and branch weights drawn from ``seed``
+    (``None``: the global random stream). History columns are the planned term names.
 
     Example:
         >>> from workbench import models
@@ -610,9 +660,16 @@ def method_distiller(
         return student
     check_method_layers(spec, teacher, student, feature_layers)
     planned = plan_method(spec, stage_names(teacher), stage_names(student), feature_layers, weight)
-    terms = {item.column: (_make_term(item, total_steps), item.weight) for item in planned}
-    layers = {item.column: item.layers for item in planned if item.layers is not None}
-    distiller = Distiller(teacher, student, terms, layers=layers)
+    branches = [item for item in planned if item.term.kind.kind == "branches"]
+    terms = {item.column: (_make_term(item, total_steps), item.weight) for item in planned if item not in branches}
+    layers = {item.column: item.layers for item in planned if item.layers is not None and item not in branches}
+    label_smoothing = 0.0
+    if branches:
+        setup = _ofa_setup(branches, teacher, student, data, seed)
+        terms.update(setup["terms"])
+        layers.update(setup["layers"])
+        label_smoothing = setup["label_smoothing"]
+    distiller = Distiller(teacher, student, terms, layers=layers, label_smoothing=label_smoothing)
     if data is not None:
         for item in planned:
             if item.term.name == "nd":
@@ -652,6 +709,13 @@ def describe_term(term: TermSpec, feature_layers: str = "auto", weight: float | 
     values = {**{key: defaults[key] for key in kind.shown}, **kind.settings, **dict(term.settings)}
     shown = ", ".join(f"{GREEK.get(key, key)}={_number(value)}" for key, value in values.items())
     label = kind.label + (("" if kind.label.isalnum() else " ") + f"({shown})" if shown else "")
+    if kind.kind == "branches":
+        rule = term.layers or kind.placement
+        where = ("and a logit branch at every student stage" if rule == "stages" else
+                 f"and a logit branch at the student's {rule} stage" if rule in LAYER_RULES else
+                 f"and a logit branch at student {rule}")
+        return (f"{_number(float(weight)) + ' × ' if weight != 1 else ''}{label} on the final logits {where}, "
+                f"cross-entropy with label smoothing 0.1 ({kind.paper})")
     if kind.kind == "logits":
         where = "on the logits"
     else:
