@@ -363,3 +363,5 @@ def test_ofa_method_errors(pair, data, method, message):
 def test_ofa_method_needs_data(pair):
     with pytest.raises(ValueError, match="pass data="):
         method_distiller("ofa", *pair)
+    with pytest.raises(ValueError, match="use method_distiller"):
+        METHODS["ofa"].make(["a"], ["b"], 1.0)

@@ -758,6 +758,9 @@ class Method:
 
 def _maker(name: str) -> Callable[[list[str], list[str], float], TermsAndLayers]:
     def make(teacher_stages: list[str], student_stages: list[str], weight: float) -> TermsAndLayers:
+        if TERMS[name].kind == "branches":
+            raise ValueError(f"{name}'s branches are sized on the models and a batch: use "
+                             f"method_distiller({name!r}, teacher, student, data=...)")
         planned = plan_method(name, teacher_stages, student_stages, weight=weight)
         return ({item.column: (_make_term(item, None), item.weight) for item in planned},
                 {item.column: item.layers for item in planned if item.layers is not None})
