@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workbench.batches import inputs_of, logits_of, run_model
+from workbench.batches import inputs_of, logits_of, run_model, take, to_device
 from workbench.capture import LayerSelector, capture, resolve_layers, stage_names
 from workbench.losses.base import Term, check_setting, logit_rows
 from workbench.losses.ofa_branches import branch_family, make_branch
@@ -125,6 +125,7 @@ class OFABranch(Term):
 
 
 SETUP_KEYS = ("terms", "layers", "ce_weight", "label_smoothing")
+EXAMPLE_SAMPLES = 16  # ofa_terms reads the stage shapes on at most this many samples of its example
 
 
 @dataclass(frozen=True)
@@ -188,8 +189,7 @@ def _stage_shapes(student: nn.Module, layers: list[str], example: Any) -> tuple[
     flags = [(module, module.training) for module in student.modules()]
     parameter = next(student.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
-    inputs = inputs_of(example)
-    inputs = inputs.to(device) if isinstance(inputs, torch.Tensor) else inputs
+    inputs = to_device(take(inputs_of(example), EXAMPLE_SAMPLES), device)
     try:
         student.eval()
         with torch.no_grad(), capture(student, layers) as activations:
@@ -228,8 +228,8 @@ def ofa_terms(
     + Σ_stages ofa_weight_i · L(branch_i logits)``, every ``L`` an :class:`OFALoss` against the teacher's
     final logits.
 
-    ``example``: one batch (``(x, y)`` or inputs) run through the student to find each stage's output shape
-    and the class count. ``stages``: the student layers that get a branch — ``"stages"`` (its
+    ``example``: a batch (``(x, y)`` or inputs; its first 16 samples are used) run through the student to
+    find each stage's output shape and the class count. ``stages``: the student layers that get a branch — ``"stages"`` (its
     ``feature_info`` / heuristic stages), names or globs. A branch at stage ``i`` of the student's ``S``
     stages is built by :func:`~workbench.losses.ofa_branches.make_branch` (when ``stages`` are other layers,
     ``i`` and ``S`` count the chosen layers). ``family`` forces ``"cnn"`` or ``"tokens"`` branches (default:
