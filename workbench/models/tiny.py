@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-__all__ = ["TinyCNN", "BenchCNN", "TinyMLP", "GlobalAvgPool", "tiny_vit"]
+__all__ = ["TinyCNN", "BenchCNN", "TinyMLP", "GlobalAvgPool", "tiny_vit", "tiny_mixer"]
 
 
 class GlobalAvgPool(nn.Module):
@@ -197,4 +197,53 @@ def tiny_vit(
         model.feature_info = [
             {"module": f"blocks.{i}", "num_chs": dim, "reduction": patch_size} for i in range(depth)
         ]
+    return model
+
+
+def tiny_mixer(
+    img_size: int = 32,
+    patch_size: int = 4,
+    in_chans: int = 1,
+    dim: int = 64,
+    depth: int = 4,
+    num_classes: int = 10,
+    mlp_ratio: float | tuple[float, float] = (0.5, 4.0),
+    **kwargs: Any,
+) -> nn.Module:
+    """A tiny timm ``MlpMixer`` (Tolstikhin et al. 2021) sized for small images: ``depth`` mixer blocks
+    ``blocks.0 ..`` of width ``dim`` over ``(img_size / patch_size)²`` tokens, each giving
+    ``[n, tokens, dim]``; then a LayerNorm, the token mean and a linear ``head``.
+
+    timm's registered names (``mixer_s16_224``, ...) fix their patch size, so a mixer for 32-pixel images
+    is built here from the class itself. ``mlp_ratio``: the token-mixing and channel-mixing MLPs' widths
+    as multiples of ``dim`` (timm's default ``(0.5, 4.0)``); extra keyword arguments go to
+    ``timm.models.mlp_mixer.MlpMixer``. ``img_size`` must be a multiple of ``patch_size``.
+
+    Example:
+        >>> import torch
+        >>> from workbench.models.tiny import tiny_mixer
+        >>> model = tiny_mixer(depth=2, dim=32)
+        >>> model(torch.zeros(2, 1, 32, 32)).shape
+        torch.Size([2, 10])
+        >>> [info["module"] for info in model.feature_info], model.feature_info[0]["num_chs"]
+        (['blocks.0', 'blocks.1'], 32)
+    """
+    from timm.models.mlp_mixer import MlpMixer
+
+    if img_size % patch_size:
+        raise ValueError(f"tiny_mixer: img_size {img_size} is not a multiple of patch_size {patch_size}")
+    model = MlpMixer(
+        img_size=img_size,
+        patch_size=patch_size,
+        in_chans=in_chans,
+        embed_dim=dim,
+        num_blocks=depth,
+        num_classes=num_classes,
+        mlp_ratio=mlp_ratio,
+        **kwargs,
+    )
+    model.img_size = img_size
+    model.feature_info = [  # timm's own, as a plain list (the same in every timm version)
+        {"module": f"blocks.{i}", "num_chs": dim, "reduction": patch_size} for i in range(depth)
+    ]
     return model

@@ -254,6 +254,7 @@ def run_comparison(
     weights: dict[str, float] | None = None,
     feature_layers: str = "auto",
     callbacks: Callable[[str, int], list[Any]] | None = None,
+    on_trained: Callable[[str, int, nn.Module], None] | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> Comparison:
@@ -268,7 +269,11 @@ def run_comparison(
     feature terms written without ``@``; ``weights`` maps a method to the weight of its terms written
     without ``*weight``. A run that comes back interrupted (Ctrl-C, a stop request) ends the comparison:
     the finished runs are returned, with ``interrupted`` and ``missing`` set. ``callbacks(method, seed)``
-    gives extra callbacks per run (e.g. a live ``TrainingMonitor``). A short last batch is merged into
+    gives extra callbacks per run (e.g. a live ``TrainingMonitor``). ``on_trained(method, seed, model)`` is
+    called after each finished run (not an interrupted one) with what was trained: the student itself for
+    ``"student"``, else its :class:`~workbench.train.Distiller` (``.student``, its terms, an OFA-KD
+    distiller's branches), e.g. to measure more than the table does before the model is dropped; what it
+    returns is ignored. A short last batch is merged into
     the one before it by ``fit`` (``last_batch="merge"``), so batch terms such as CKALoss get enough samples.
 
     Example:
@@ -282,6 +287,11 @@ def run_comparison(
         ...                         device="cpu", probe=x[:32])
         >>> result.table()["seeds"].tolist(), len(result.runs)
         ([2, 2], 4)
+        >>> seen = []
+        >>> _ = run_comparison(teacher, make, (x, y), (x, y), ["student", "kd"], [0], batch_size=32, device="cpu",
+        ...                    on_trained=lambda method, seed, model: seen.append((method, type(model).__name__)))
+        >>> seen
+        [('student', 'TinyCNN'), ('kd', 'Distiller')]
     """
     specs = [_parsed(method) for method in methods]
     if not methods or not seeds:
@@ -327,6 +337,8 @@ def run_comparison(
                 results[(method, seed)] = measure(student, f"student ({method}, seed {seed})")
                 matched = _matched_cka(results[(method, seed)])
             rows.append({"method": method, "seed": seed, "accuracy": score, "matched_cka": matched, "seconds": seconds})
+            if on_trained is not None:
+                on_trained(method, seed, model)
             if log is not None:
                 log(f"{method} seed {seed}: test accuracy {score:.2%} in {seconds:.1f} s")
         if interrupted is not None:

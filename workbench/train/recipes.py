@@ -30,6 +30,7 @@ RECIPES: dict[str, Recipe] = {
         Recipe(15, 5e-3, "cnn_small", "cnn_small"),
         Recipe(15, 1e-3, "mlp", "mlp"),
         Recipe(30, 1e-3, "vit", "vit (the built-in tiny ViT)"),
+        Recipe(20, 1e-3, "mixer", "mixer (the built-in tiny MLP-Mixer)"),
         Recipe(20, 5e-4, "timm_vit", "timm ViTs and DeiTs, e.g. vit_tiny_patch16_224"),
         Recipe(10, 1e-3, "timm_resnet", "timm ResNets, e.g. resnet18"),
         Recipe(10, 1e-3, "timm", "any other timm model (not measured: the ResNet recipe)"),
@@ -37,7 +38,8 @@ RECIPES: dict[str, Recipe] = {
 }
 """Recipes by family; :func:`recipe_family` names the family of a model name."""
 
-_BUILTIN_FAMILIES = {"cnn": "cnn", "bench_cnn": "cnn", "cnn_small": "cnn_small", "mlp": "mlp", "vit": "vit"}
+_BUILTIN_FAMILIES = {"cnn": "cnn", "bench_cnn": "cnn", "cnn_small": "cnn_small", "mlp": "mlp", "vit": "vit",
+                     "mixer": "mixer"}
 _TIMM_FAMILIES = {"vision_transformer": "timm_vit", "deit": "timm_vit", "resnet": "timm_resnet"}
 
 
@@ -79,7 +81,7 @@ def default_recipe(name: str) -> Recipe:
     return RECIPES[recipe_family(name)]
 
 
-MEASURED_MODELS = ("cnn", "cnn_small", "mlp", "vit", "resnet18", "vit_tiny_patch16_224")
+MEASURED_MODELS = ("cnn", "cnn_small", "mlp", "vit", "mixer", "resnet18", "vit_tiny_patch16_224")
 """One model per family: the models ``python -m workbench.train.recipes`` trains for ``docs/recipes.md``."""
 
 
