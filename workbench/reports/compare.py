@@ -33,7 +33,7 @@ from workbench.train.fit import accuracy, fit
 
 __all__ = [
     "METHODS", "Method", "Comparison", "method_distiller", "run_comparison", "command_line", "seeded_model",
-    "training_set", "models_summary", "cka_grid",
+    "training_set", "models_summary", "cka_grid", "check_results_path",
 ]
 
 def _parsed(method: str) -> MethodSpec:
@@ -217,12 +217,7 @@ class Comparison:
         atomically; returns the path. An existing file is replaced only with ``overwrite=True``
         (``FileExistsError`` otherwise); another suffix is a ``ValueError``. ``flags``: the sanity
         flags, marked in the table as by :meth:`to_markdown`."""
-        path = Path(path)
-        if path.suffix != ".md":
-            raise ValueError(f"the results table must be a Markdown file ending in .md, got {str(path)!r}")
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{str(path)!r} exists: pass overwrite=True (report: --force or "
-                                  "-p overwrite_results=true) to replace it, or give another file name")
+        path = check_results_path(path, overwrite)
         settings = ", ".join(f"{key}={value!r}" for key, value in self.settings.items())
         text = ["# Distillation methods compared", ""]
         if command:
@@ -236,6 +231,27 @@ class Comparison:
         text += ["Methods:", ""] + [f"- `{name}`: {describe_method(name, feature_layers, weights.get(name))}"
                                     for name in self.methods]
         return write_atomic(path, "\n".join(text) + "\n")
+
+
+def check_results_path(path: str | Path, overwrite: bool = False) -> Path:
+    """``path`` as a :class:`~pathlib.Path` if a results table may be written there: a ``ValueError`` unless it
+    ends in ``.md``, a ``FileExistsError`` if it exists and ``overwrite`` is false.
+
+    Example:
+        >>> check_results_path("reports/results/new_table.md").name
+        'new_table.md'
+        >>> check_results_path("table.txt")
+        Traceback (most recent call last):
+        ...
+        ValueError: the results table must be a Markdown file ending in .md, got 'table.txt'
+    """
+    path = Path(path)
+    if path.suffix != ".md":
+        raise ValueError(f"the results table must be a Markdown file ending in .md, got {str(path)!r}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{str(path)!r} exists: pass overwrite=True (report: --force or "
+                              "-p overwrite_results=true) to replace it, or give another file name")
+    return path
 
 
 def run_comparison(

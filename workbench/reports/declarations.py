@@ -68,6 +68,13 @@ def _feature_layers() -> Rule:
                 "middle | last | a layer name | teacher_layer:student_layer", check, check_models, '"last"')
 
 
+def _ofa_rules() -> dict[str, Rule]:
+    """The ``ofa`` report's pairs and its methods checked on every pair (workbench.reports.ofa_compare)."""
+    from workbench.reports.ofa_compare import pair_methods_rule, pairs_rule
+
+    return {"pairs": pairs_rule(), "methods": pair_methods_rule()}
+
+
 _MODELS = {"teacher": ("teacher", "teacher_kwargs"), "student": ("student", "student_kwargs")}
 _SHARED = {
     "teacher": model_name("teacher"),
@@ -112,6 +119,22 @@ DECLARATIONS: dict[str, Declaration] = {
         "results_table": output_file("distill"),
         "overwrite_results": flag(),
     }, _MODELS),
+    "ofa": Declaration({  # each pair builds its own models: the pairs and methods rules check them
+        "dataset": _SHARED["dataset"],
+        **_ofa_rules(),
+        "seeds": seed_list(),
+        "epochs": integer(1, example=10, what="student training epochs"),
+        "lr": number(above=0, example=0.005, what="a learning rate"),
+        "batch_size": _SHARED["batch_size"],
+        "n_train": integer(0, example=1000, what="0: all training images"),
+        "n_probe": integer(4, example=450, what="CKA needs at least 4 samples"),
+        "teacher_epochs": optional(integer(1, example=6, what="None: each teacher family's recipe")),
+        "teacher_lr": optional(number(above=0, example=0.005, what="None: each teacher family's recipe")),
+        "device": _SHARED["device"],
+        "threads": integer(0, example=1, what="0: torch's default"),
+        "results": output_file("ofa"),
+        "overwrite_results": flag(),
+    }),
 }
 
 

@@ -72,6 +72,14 @@ REPORTS: dict[str, Report] = {
         output_files=(("results_table", ".md"),),
         overwrite_parameter="overwrite_results",
     ),
+    "ofa": Report(
+        "ofa",
+        NOTEBOOKS_DIR / "ofa_kd.ipynb",
+        "OFA-KD vs KD and FitNet on heterogeneous pairs (ViT -> CNN, CNN -> ViT, CNN -> MLP-Mixer): accuracy "
+        "table, branch accuracy per stage, CKA before/after, learning curves",
+        output_files=(("results", ".md"),),
+        overwrite_parameter="overwrite_results",
+    ),
 }
 
 
