@@ -6,6 +6,7 @@ Example:
     'GapExplorer'
 """
 from widgets.gap_explorer import GapExplorer
+from widgets.ofa_explorer import OFAExplorer
 from widgets.training_monitor import TrainingMonitor
 
-__all__ = ["GapExplorer", "TrainingMonitor"]
+__all__ = ["GapExplorer", "OFAExplorer", "TrainingMonitor"]
