@@ -93,10 +93,11 @@ class OFAExplorer(TrainingMonitor):
 
     Use it as the monitor: display it, pass it in ``fit``'s ``callbacks=`` (``await explorer.run(fit, ...)``
     for a live Stop button). ``branch_loss_plot`` has one trace per branch term of the Distiller (any term
-    with a ``.branch`` and a ``.logits(features)``, in the student's layer order), its history column per step, colour by depth, and the terms
-    on the final logits dashed (``"head: ofa"``). ``branch_accuracy_plot`` has one trace per branch and a
-    ``"head"`` trace: :func:`workbench.probes.branch_accuracy` on ``data`` (labelled held-out data; ``None``:
-    no accuracy plot) after each epoch, against the step. ``results`` keeps those
+    with a ``.branch`` and a ``.logits(features)``, in the student's layer order), its history column per
+    step, colour by depth, and the terms on the final logits dashed (``"head: ofa"``).
+    ``branch_accuracy_plot`` has one trace per branch and a ``"head"`` trace:
+    :func:`workbench.probes.branch_accuracy` on ``data`` (labelled held-out data; ``None``: no accuracy
+    plot) after each epoch, against the step. ``results`` keeps those
     ``(epoch, step, BranchAccuracy)`` of the run under way (the last run), ``accuracy_frame()`` as a table;
     ``branch_status`` says which branches there are and the last epoch's accuracies, or, for a model or
     Distiller without branch terms, that there is nothing to show per stage (the rest of the monitor works
@@ -203,8 +204,9 @@ class OFAExplorer(TrainingMonitor):
             return (f"<b>no branches</b>: the model trained is not a Distiller, so there is nothing to show per "
                     f"stage; {html.escape(_HOW)}")
         if self._kind == "distiller":
-            return (f"<b>no branches</b>: none of this Distiller's terms ({html.escape(', '.join(self._terms)) or 'none'}"
-                    f") has a <code>.branch</code>, so there is nothing to show per stage; {html.escape(_HOW)}")
+            terms = html.escape(", ".join(self._terms)) or "none"
+            return (f"<b>no branches</b>: none of this Distiller's terms ({terms}) has a <code>.branch</code>, so "
+                    f"there is nothing to show per stage; {html.escape(_HOW)}")
         parts = [f"{len(self.branches)} branch{'es' if len(self.branches) > 1 else ''} at "
                  + ", ".join(html.escape(layer) for layer in self.branches.values())]
         if self.data is None:

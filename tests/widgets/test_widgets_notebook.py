@@ -1,6 +1,7 @@
 """notebooks/examples/widgets.ipynb runs end to end on a kernel of this interpreter (papermill, as reports
 run): no cell fails, each widget is displayed (a widget view in its cell's outputs) and the saved widget
-state holds what the widgets showed — the explorer's heatmap, the monitor's two runs, both completed."""
+state holds what the widgets showed — the explorer's heatmap, the monitor's two runs, both completed, and the
+OFA explorer's branch accuracies."""
 from __future__ import annotations
 
 import json
@@ -43,12 +44,27 @@ def test_widgets_notebook_runs_and_keeps_the_widget_state(tmp_path, monkeypatch)
     text = json.dumps(states)
     statuses = [state["state"]["value"] for state in states.values()
                 if "kd-training-status" in state["state"].get("_dom_classes", [])]
-    assert len(statuses) == 1 and re.fullmatch(r"kd, T=4 · <b>done</b> · epoch 1/1 · step \d+ · loss [\d.]+ · "
-                                                r"eval accuracy [\d.]+%", statuses[0]), statuses
+    # the monitor's, and the OFAExplorer's (a TrainingMonitor too; one run, so no run label)
+    monitor_status = [status for status in statuses if status.startswith("kd, T=4")]
+    assert len(statuses) == 2 and len(monitor_status) == 1, statuses
+    assert re.fullmatch(r"kd, T=4 · <b>done</b> · epoch 1/1 · step \d+ · loss [\d.]+ · eval accuracy [\d.]+%",
+                        monitor_status[0]), statuses
+    (ofa_status,) = [status for status in statuses if status not in monitor_status]
+    assert re.fullmatch(r"<b>done</b> · epoch 2/2 · step \d+ · loss [\d.]+ · eval accuracy [\d.]+%", ofa_status)
     # the monitor's figures overlay both runs (legend groups), the explorer's heatmap was computed
     assert '"legendgroup": "student alone"' in text and '"legendgroup": "kd, T=4"' in text
     assert '"type": "heatmap"' in text
 
+    # the OFAExplorer: its view, its branch line with both branches' and the head's held-out accuracy
+    ofa_view = next(cell for cell in code if "OFAExplorer(" in cell.source)
+    ofa_id = _views(ofa_view)[0]
+    assert "kd-ofa-explorer" in states[ofa_id]["state"]["_dom_classes"]
+    (branch_status,) = [state["state"]["value"] for state in states.values()
+                        if "kd-ofa-status" in state["state"].get("_dom_classes", [])]
+    assert re.fullmatch(r"2 branches at blocks\.0, blocks\.1 · epoch 2, held-out accuracy \(128 samples\): "
+                        r"blocks\.0 [\d.]+% · blocks\.1 [\d.]+% · <b>head [\d.]+%</b>", branch_status), branch_status
+
     # the outcome cell: both runs completed, and each reached an evaluation accuracy
-    outcome = code[-1].outputs[0]["data"]["text/plain"]
+    outcome_cell = next(cell for cell in code if cell.source.startswith("{run.name: run.outcome"))
+    outcome = outcome_cell.outputs[0]["data"]["text/plain"]
     assert "'student alone': 'done'" in outcome and "'kd, T=4': 'done'" in outcome
