@@ -37,7 +37,7 @@ x, y = torch.randn(96, 1, 16, 16), torch.randint(0, 10, (96,))
 teacher = models.create("cnn", widths=(8, 16), img_size=16).eval()
 student = models.create("vit", img_size=16, patch_size=4, dim=16, depth=2, heads=2)
 distiller = Distiller(teacher, student, **ofa_terms(teacher, student, (x[:64], y[:64])))
-explorer = OFAExplorer((x[64:], y[64:]), every=1, title="OFA-KD: cnn → vit")
+explorer = OFAExplorer((x[64:], y[64:]), every=2, title="OFA-KD: cnn → vit")
 display(explorer)""",
     f"""\
 history = await explorer.run(fit, distiller, (x[:64], y[:64]), (x[64:], y[64:]), epochs={EPOCHS}, batch_size=32,
@@ -65,7 +65,7 @@ def test_branch_row_fills_in_while_training_and_stop_ends_the_run(jupyterlab, ch
     page.locator(".lm-Menu-itemLabel", has_text=re.compile("^Run All Cells$")).click()
 
     explorer = page.locator(".kd-ofa-explorer")
-    explorer.wait_for()
+    explorer.wait_for(timeout=120_000)  # the first cell imports torch, timm and plotly: slow on a busy machine
     # two epochs measured while the run trains: the branch status gives the held-out accuracies
     page.wait_for_function(f"() => /^2 branches at blocks\\.0, blocks\\.1 · epoch [2-9]\\d*, held-out accuracy "
                            f"\\(32 samples\\): blocks\\.0 [\\d.]+% · blocks\\.1 [\\d.]+% · head [\\d.]+%$/"
