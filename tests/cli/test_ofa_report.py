@@ -131,6 +131,14 @@ def test_results_markdown_holds_every_pair_its_table_branches_and_the_ofa_descri
     assert ofa_compare.save_results(path, runs[:1], overwrite=True).read_text().count("## ") == 1
 
 
+def test_a_method_with_fewer_branches_gets_a_dash_where_it_has_none(tmp_path):
+    run = _run("cnn → vit", {"student": [0.5], "ofa": [0.7], "ofa@last": [0.6]}, {0: [0.2, 0.4, 0.7]})
+    run.branches[("ofa@last", 0)] = BranchAccuracy(["ofa@blocks_1"], ["blocks.1"], [0.45], 0.6, 100)
+    text = ofa_compare.results_markdown([run])
+    assert "| ofa | 20.00 ± n/a | 40.00 ± n/a | 70.00 ± n/a |" in text
+    assert "| ofa@last | — | 45.00 ± n/a | 60.00 ± n/a |" in text
+
+
 def _row(text: str, label: str) -> list[str]:
     """The cells of the first Markdown table row whose first cell starts with ``label``."""
     line = next(line for line in text.splitlines() if line.startswith(f"| {label}"))

@@ -131,12 +131,11 @@ def run_pair(
 
     Example:
         >>> import torch
-        >>> from workbench import reports
         >>> x, y = torch.randn(32, 1, 32, 32), torch.randint(0, 10, (32,))
         >>> run = run_pair(Pair("cnn_small", "mixer", student_kwargs={"dim": 8, "depth": 2}), "digits", (x, y),
-        ...                (x, y), ["student", "ofa"], [0], epochs=1, lr=0.01, teacher_epochs=1, device="cpu")  # doctest: +SKIP
-        >>> run.branches[("ofa", 0)].layers  # doctest: +SKIP
-        ['blocks.0', 'blocks.1']
+        ...                (x, y), ["student", "ofa"], [0], epochs=1, lr=0.01, teacher_epochs=1, device="cpu")
+        >>> run.branches[("ofa", 0)].layers, run.comparison.methods
+        (['blocks.0', 'blocks.1'], ['student', 'ofa'])
     """
     from workbench.probes import branch_accuracy
     from workbench.probes.branches import branch_terms
@@ -193,30 +192,45 @@ def branch_frame(runs: Sequence[PairRun]) -> pd.DataFrame:
 
 def branch_figure(runs: Sequence[PairRun]) -> Any:
     """Matplotlib: one panel per pair, the held-out accuracy of each student stage's branch (mean over
-    seeds) for every OFA-KD method, the student's head last; returns the figure (None without OFA runs)."""
+    seeds) for every OFA-KD method, the student's head last (a method with fewer branches, such as
+    ``ofa@last``, at its own stages); returns the figure (None without OFA runs).
+
+    Example:
+        >>> from workbench.probes import BranchAccuracy
+        >>> run = PairRun(Pair("cnn", "vit"), None, None, {("ofa", 0): BranchAccuracy(["ofa@a", "ofa@b"], ["a", "b"],
+        ...               [0.5, 0.6], 0.8, 10), ("ofa@last", 0): BranchAccuracy(["ofa@b"], ["b"], [0.7], 0.75, 10)},
+        ...               None, "")
+        >>> ax = branch_figure([run]).axes[0]
+        >>> [tick.get_text() for tick in ax.get_xticklabels()], [line.get_xdata().tolist() for line in ax.lines]
+        (['a', 'b', 'student head'], [[0, 1, 2], [1, 2]])
+    """
     import matplotlib.pyplot as plt
 
-    from workbench.probes import BranchAccuracy
-
+    frame = branch_frame(runs)
     shown = [run for run in runs if run.branches]
     if not shown:
         return None
     figure, axes = plt.subplots(1, len(shown), figsize=(4.6 * len(shown), 3.6), squeeze=False)
     for ax, run in zip(axes[0], shown):
-        for method in dict.fromkeys(method for method, _ in run.branches):
-            results = [result for (name, _), result in run.branches.items() if name == method]
-            first = results[0]
-            mean = BranchAccuracy(first.terms, first.layers, list(np.mean([r.accuracy for r in results], axis=0)),
-                                  float(np.mean([r.final_accuracy for r in results])), first.n_samples)
-            mean.plot(ax=ax, label=f"{method} ({len(results)} seed{'s' if len(results) > 1 else ''})")
+        rows = frame[frame["pair"] == run.pair.label]
+        layers = [layer for layer in dict.fromkeys(rows["layer"]) if layer != "head"] + ["head"]
+        for method, found in rows.groupby("method", sort=False):
+            seeds = int(found["seeds"].iloc[0])
+            ax.plot(np.array([layers.index(layer) for layer in found["layer"]]), found["accuracy_mean"], marker="o",
+                    label=f"{method} ({seeds} seed{'s' if seeds > 1 else ''})")
+        ax.set_xticks(range(len(layers)), [layer if layer != "head" else "student head" for layer in layers],
+                      rotation=30, ha="right")
+        ax.set(xlabel="student stage (its branch)", ylabel="held-out accuracy % (mean over seeds)", ylim=(0, 100))
         ax.set_title(f"{run.pair.label}: branch accuracy", fontsize="small")
+        ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     figure.tight_layout()
     return figure
 
 
 def _branch_markdown(frame: pd.DataFrame) -> str:
-    """One pair's branch accuracies as a Markdown table: a row per OFA-KD method, a column per stage."""
+    """One pair's branch accuracies as a Markdown table: a row per OFA-KD method, a column per stage
+    (``—`` where a method has no branch)."""
     layers = list(dict.fromkeys(frame["layer"]))
     lines = ["| branch accuracy % (mean ± std) | " + " | ".join(f"`{layer}`" if layer != "head" else "student head"
                                                               for layer in layers) + " |",
@@ -224,7 +238,11 @@ def _branch_markdown(frame: pd.DataFrame) -> str:
     for method, rows in frame.groupby("method", sort=False):
         cells = []
         for layer in layers:
-            row = rows[rows["layer"] == layer].iloc[0]
+            found = rows[rows["layer"] == layer]
+            if found.empty:  # no branch there (ofa@last next to ofa)
+                cells.append("—")
+                continue
+            row = found.iloc[0]
             spread = "n/a" if np.isnan(row["accuracy_std"]) else f"{row['accuracy_std']:.2f}"
             cells.append(f"{row['accuracy_mean']:.2f} ± {spread}")
         lines.append(f"| {method.replace('*', chr(92) + '*')} | " + " | ".join(cells) + " |")
