@@ -25,6 +25,15 @@ class ConvNet(nn.Module):
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test (fastest for tiny nets on a shared CPU), restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def conv_pair():
     """A (teacher, student) pair of small random conv nets on 3×16×16 inputs, seeded."""
     torch.manual_seed(0)

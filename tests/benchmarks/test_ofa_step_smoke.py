@@ -15,13 +15,6 @@ def bench():
     return load_benchmark("ofa_step")
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_tiny_run_has_the_structure_and_renders(bench, tmp_path, one_thread):
     results = bench.main(["--tiny", "--device", "cpu", "--threads", "1", "--pairs", "cnn-cnn",

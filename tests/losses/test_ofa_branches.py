@@ -22,12 +22,7 @@ from workbench.train import Distiller, fit
 from workbench.train.checkpoint import load_checkpoint, save_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one torch thread
 
 
 def sepconvs(branch: nn.Module) -> list[SepConv]:

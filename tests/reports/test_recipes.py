@@ -23,14 +23,6 @@ from workbench.train.recipes import MEASURED_MODELS, RECIPES, recipe_family
 SMALL_SIZE, SMALL_TRAIN, SMALL_TEST, SMALL_BATCH = 16, 640, 300, 32
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread for the training runs (fastest for tiny nets on a shared CPU), restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):

@@ -25,14 +25,7 @@ from workbench.train.callbacks import Callback
 SETTINGS = {"batch_size": 25, "device": "cpu", "progress": False, "lr": 3e-3}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread per test, restored afterwards (two OpenMP threads on a shared two-core machine wait on
-    each other: a short fit then takes ten times as long)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one torch thread
 
 
 @pytest.fixture
