@@ -30,16 +30,18 @@ def test_notebook_parameters():
     assert parameters["methods"]["default"] == ["student", "kd", "dkd", "fitnet", "rkd", "cka"]
 
 
-def test_every_method_builds_a_distiller_on_the_stages(conv_pair):
+def test_every_method_builds_a_distiller_on_the_stages(conv_pair, images):
     teacher, student = conv_pair
+    data = (images[:16], torch.arange(16) % 5)  # OFA-KD sizes its branches on a batch of the data
     for name in METHODS:
-        model = method_distiller(name, teacher, student)
+        model = method_distiller(name, teacher, student, data=data)
         if name == "student":
             assert model is student
             continue
         assert isinstance(model, Distiller) and [column.split("@")[0] for column in model.terms] == [name] * len(
             model.terms)
-        assert len(model.terms) == (3 if name == "at" else 1)  # at: one term per stage pair
+        # at: one term per stage pair; ofa: its final-logit term and a branch per student stage
+        assert len(model.terms) == {"at": 3, "ofa": 4}.get(name, 1)
         assert model.ce_weight == 1.0
     assert method_distiller("fitnet", teacher, student).layers == {"fitnet": ("blocks.1", "blocks.1")}
     assert method_distiller("cka", teacher, student).layers == {"cka": ("blocks.2", "blocks.2")}
