@@ -169,3 +169,20 @@ def test_distill_teacher_still_rising_is_a_warning_but_a_method_withholds():
     assert "96.5 %" in sanity.flags[0].problem and "-p teacher_epochs=16" in sanity.flags[0].advice
     assert [f.subject for f in sanity.blocking] == ["method `kd`"]
 
+
+
+def test_distill_larger_student_advice_names_the_reports_own_parameters():
+    from workbench.reports import evaluation_data
+    from workbench.reports.sanity import distill_sanity
+
+    comparison = _comparison([0])
+    comparison.settings.update(lr=0.01, train_samples=300)
+    small, large = models.create("cnn", widths=(4, 8)), models.create("cnn", widths=(8, 16))
+    default = distill_sanity(comparison, "cnn", "cnn", small, large, evaluation_data("digits"), "digits")
+    advice = {f.subject: f.advice for f in default.flags}
+    assert advice["student larger than teacher"] == "Choose a smaller student (-p student=... -p student_kwargs=...)."
+    ofa = distill_sanity(comparison, "cnn", "cnn", small, large, evaluation_data("digits"), "digits",
+                         smaller_student="Change the pair.")
+    assert {f.subject: f.advice for f in ofa.flags}["student larger than teacher"] == "Change the pair."
+    assert not any(f.kind == "student_larger" for f in distill_sanity(
+        comparison, "cnn", "cnn", large, small, evaluation_data("digits"), "digits").flags)

@@ -155,7 +155,8 @@ def run_pair(
                                 batch_size=batch_size, device=device, probe=probe, callbacks=callbacks,
                                 on_trained=on_trained, progress=False, log=log)
     student = make_student(seeds[0])
-    sanity = distill_sanity(comparison, pair.teacher, pair.student, teacher_model, student, test, dataset)
+    sanity = distill_sanity(comparison, pair.teacher, pair.student, teacher_model, student, test, dataset,
+                            smaller_student="Choose a smaller student for this pair (its student_kwargs in -p pairs=...).")
     return PairRun(pair, teacher_model, comparison, branches, sanity,
                    models_summary(teacher_model, student, train, test))
 

@@ -355,11 +355,13 @@ def _needed(kernel: str, debiased: bool) -> int:
 def distill_sanity(
     comparison: object, teacher: str, student: str, teacher_model: object, student_model: object,
     test: object, dataset: str, teacher_weights: object = None,
+    smaller_student: str = "Choose a smaller student (-p student=... -p student_kwargs=...).",
 ) -> Sanity:
     """The distill report's checks: the teacher above chance and converged, each method's student above
     chance and converged (its held-out accuracy per epoch, mean over seeds), CKA on enough probe images
     (the debiased linear CKA of :func:`~workbench.reports.run_comparison`), the student no larger than
-    the teacher; with cards for the teacher and the student.
+    the teacher; with cards for the teacher and the student. ``smaller_student``: the advice when the
+    student is the larger model (the parameters that choose it differ between reports).
 
     Example:
         >>> import pandas as pd
@@ -413,6 +415,6 @@ def distill_sanity(
         sanity.add(too_few_samples(n_probe, "linear", True, f"Probe on more images (-p n_probe={_needed('linear', True)})."),
                    f"CKA on {n_probe:,} probe images")
     sanity.add(larger_student(sanity.cards[0].parameters, sanity.cards[1].parameters,
-                              "Choose a smaller student (-p student=... -p student_kwargs=...)."),
+                              smaller_student),
                "student smaller than teacher")
     return sanity
