@@ -10,6 +10,7 @@ runs in its own process group, stopped (kernels included) when the ``with`` bloc
 from __future__ import annotations
 
 import json
+import re
 import os
 import secrets
 import signal
@@ -79,6 +80,17 @@ def write_notebook(path: Path, cells: list[str]) -> Path:
     )
     nbformat.write(notebook, path)
     return path
+
+
+def open_and_run_all(page, lab: "JupyterLab", name: str, cells: list[str]) -> None:
+    """Write ``cells`` as notebook ``name`` in the lab's root, open it in ``page``, wait for the kernel (the
+    kernelspec starts it: no "Select Kernel" dialog may stand in the way) and run every cell from the menu."""
+    write_notebook(lab.root / name, cells)
+    page.goto(lab.url(f"lab/tree/{name}"))
+    page.get_by_text(re.compile(r"Python 3 \(ipykernel\) \| Idle")).wait_for()
+    assert page.locator(".jp-Dialog").count() == 0
+    page.locator(".lm-MenuBar-itemLabel", has_text=re.compile("^Run$")).click()
+    page.locator(".lm-Menu-itemLabel", has_text=re.compile("^Run All Cells$")).click()
 
 
 @contextmanager

@@ -6,12 +6,11 @@ heatmap click shows its row; every element of the explorer fits the notebook cel
 default viewport and at a 1000 px-wide one. A screenshot is kept."""
 from __future__ import annotations
 
-import re
 
 import pytest
 from playwright.sync_api import TimeoutError
 
-from jupyter_harness import REPO_ROOT, write_notebook
+from jupyter_harness import REPO_ROOT, open_and_run_all
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(240)]
 
@@ -110,15 +109,8 @@ def assert_fits(page, viewport: str, *, settle: bool = False) -> None:
 
 
 def test_gap_explorer_renders_computes_in_the_background_and_fits_in_jupyterlab(jupyterlab, chromium_page):
-    write_notebook(jupyterlab.root / "gap_explorer.ipynb", CELLS)
     page = chromium_page
-    page.goto(jupyterlab.url("lab/tree/gap_explorer.ipynb"))
-    # the settings start the kernel by themselves: no "Select Kernel" dialog may stand in the way
-    page.get_by_text(re.compile(r"Python 3 \(ipykernel\) \| Idle")).wait_for()
-    assert page.locator(".jp-Dialog").count() == 0
-
-    page.locator(".lm-MenuBar-itemLabel", has_text=re.compile("^Run$")).click()
-    page.locator(".lm-Menu-itemLabel", has_text=re.compile("^Run All Cells$")).click()
+    open_and_run_all(page, jupyterlab, "gap_explorer.ipynb", CELLS)  # the kernel starts by itself
 
     explorer = page.locator(".kd-gap-explorer")
     compute, cancel = explorer.locator(".kd-compute"), explorer.locator(".kd-cancel")

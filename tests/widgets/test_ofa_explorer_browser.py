@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from jupyter_harness import REPO_ROOT, write_notebook
+from jupyter_harness import REPO_ROOT, open_and_run_all
 from test_training_monitor_browser import assert_fits_the_cell
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(240)]
@@ -57,12 +57,8 @@ ACCURACY_POINTS = """[...document.querySelectorAll('.kd-ofa-explorer .js-plotly-
 
 
 def test_branch_row_fills_in_while_training_and_stop_ends_the_run(jupyterlab, chromium_page):
-    write_notebook(jupyterlab.root / "ofa_explorer.ipynb", CELLS)
     page = chromium_page
-    page.goto(jupyterlab.url("lab/tree/ofa_explorer.ipynb"))
-    page.get_by_text(re.compile(r"Python 3 \(ipykernel\) \| Idle")).wait_for()
-    page.locator(".lm-MenuBar-itemLabel", has_text=re.compile("^Run$")).click()
-    page.locator(".lm-Menu-itemLabel", has_text=re.compile("^Run All Cells$")).click()
+    open_and_run_all(page, jupyterlab, "ofa_explorer.ipynb", CELLS)
 
     explorer = page.locator(".kd-ofa-explorer")
     explorer.wait_for(timeout=120_000)  # the first cell imports torch, timm and plotly: slow on a busy machine

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from jupyter_harness import REPO_ROOT, write_notebook
+from jupyter_harness import REPO_ROOT, open_and_run_all
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(240)]
 
@@ -76,12 +76,8 @@ def assert_fits_the_cell(page):
 
 
 def test_stop_button_ends_a_run_and_the_monitor_fits_the_cell(jupyterlab, chromium_page):
-    write_notebook(jupyterlab.root / "training_monitor.ipynb", CELLS)
     page = chromium_page
-    page.goto(jupyterlab.url("lab/tree/training_monitor.ipynb"))
-    page.get_by_text(re.compile(r"Python 3 \(ipykernel\) \| Idle")).wait_for()
-    page.locator(".lm-MenuBar-itemLabel", has_text=re.compile("^Run$")).click()
-    page.locator(".lm-Menu-itemLabel", has_text=re.compile("^Run All Cells$")).click()
+    open_and_run_all(page, jupyterlab, "training_monitor.ipynb", CELLS)
 
     monitor = page.locator(".kd-training-monitor")
     monitor.wait_for()

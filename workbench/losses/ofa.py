@@ -21,6 +21,7 @@ from workbench.batches import inputs_of, logits_of, run_model, take, to_device
 from workbench.capture import LayerSelector, capture, resolve_layers, stage_names
 from workbench.losses.base import Term, check_setting, logit_rows
 from workbench.losses.ofa_branches import branch_family, make_branch
+from workbench.probes.stream import eval_mode
 
 __all__ = ["OFALoss", "OFABranch", "OFASetup", "ofa_terms", "branch_column", "ENHANCE_MODES", "LOGITS"]
 
@@ -102,7 +103,7 @@ class OFABranch(Term):
 
     Example:
         >>> import torch
-        >>> from workbench.losses.ofa_branches import branch_family, make_branch
+        >>> from workbench.losses.ofa_branches import make_branch
         >>> term = OFABranch(make_branch((4, 8, 8, 8), 1, 2, 3, 16), OFALoss(gamma=1.2))
         >>> value = term(torch.randn(4, 8, 8, 8), torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
         >>> value.dim(), term.logits(torch.randn(4, 8, 8, 8)).shape
@@ -186,22 +187,15 @@ def _width(model: nn.Module) -> int | None:
 
 def _stage_shapes(student: nn.Module, layers: list[str], example: Any) -> tuple[dict[str, tuple[int, ...]], Any]:
     """Each layer's output shape and the student's logits on ``example`` (eval mode, no grad, modes restored)."""
-    flags = [(module, module.training) for module in student.modules()]
     parameter = next(student.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     inputs = to_device(take(inputs_of(example), EXAMPLE_SAMPLES), device)
-    try:
-        student.eval()
-        with torch.no_grad(), capture(student, layers) as activations:
-            output = run_model(student, inputs)
-            missing = [name for name in layers if name not in activations]
-            if missing:
-                raise RuntimeError(f"ofa_terms: student layers {missing} did not run in the forward pass")
-            shapes = {name: tuple(activations[name].shape) for name in layers}
-    finally:
-        for module, training in flags:
-            module.training = training
-    return shapes, output
+    with eval_mode(student), torch.no_grad(), capture(student, layers) as activations:
+        output = run_model(student, inputs)
+        missing = [name for name in layers if name not in activations]
+        if missing:
+            raise RuntimeError(f"ofa_terms: student layers {missing} did not run in the forward pass")
+        return {name: tuple(activations[name].shape) for name in layers}, output
 
 
 def ofa_terms(
@@ -270,13 +264,12 @@ def ofa_terms(
     smoothing = check_setting("ofa_terms", "label_smoothing", label_smoothing)
     if smoothing >= 1:
         raise ValueError(f"ofa_terms: label_smoothing must be in [0, 1), got {label_smoothing!r}")
-    shapes, output = _stage_shapes(student, layers, example)
+    last = all_stages[-1] if all_stages else layers[-1]  # its width is d_student without num_features
+    shapes, output = _stage_shapes(student, list(dict.fromkeys([*layers, last])), example)
     classes = num_classes if num_classes is not None else logits_of(output, student).shape[-1]
     student_width = _width(student)
     if student_width is None:  # the width of the student's last stage: channels of a map, else the last dim
-        last = all_stages[-1] if all_stages else layers[-1]
-        shape = shapes[last] if last in shapes else _stage_shapes(student, [last], example)[0][last]
-        student_width = shape[1] if len(shape) == 4 else shape[-1]
+        student_width = shapes[last][1] if len(shapes[last]) == 4 else shapes[last][-1]
     width_t = teacher_width if teacher_width is not None else _width(teacher)
     terms: dict[str, tuple[nn.Module, float]] = {
         "ofa": (OFALoss(gamma=gammas[-1], T=T, enhance=enhance), check_setting("ofa_terms", "kd_weight", kd_weight))

@@ -194,9 +194,7 @@ def tiny_vit(
         **kwargs,
     )
     if not getattr(model, "feature_info", None):
-        model.feature_info = [
-            {"module": f"blocks.{i}", "num_chs": dim, "reduction": patch_size} for i in range(depth)
-        ]
+        model.feature_info = _block_stages(depth, dim, patch_size)
     return model
 
 
@@ -243,7 +241,10 @@ def tiny_mixer(
         **kwargs,
     )
     model.img_size = img_size
-    model.feature_info = [  # timm's own, as a plain list (the same in every timm version)
-        {"module": f"blocks.{i}", "num_chs": dim, "reduction": patch_size} for i in range(depth)
-    ]
+    model.feature_info = _block_stages(depth, dim, patch_size)  # timm's own, as a plain list (any timm version)
     return model
+
+
+def _block_stages(depth: int, dim: int, patch_size: int) -> list[dict[str, Any]]:
+    """A timm-style ``feature_info``: each of the ``depth`` token blocks ``blocks.i`` is a stage of width ``dim``."""
+    return [{"module": f"blocks.{i}", "num_chs": dim, "reduction": patch_size} for i in range(depth)]
