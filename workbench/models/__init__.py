@@ -7,7 +7,7 @@ model is (parameters, forward FLOPs per sample).
 """
 from workbench.models.factory import available, create, create_sized
 from workbench.models.stats import count_flops, count_parameters
-from workbench.models.tiny import BenchCNN, TinyCNN, TinyMLP, tiny_mixer, tiny_vit
+from workbench.models.tiny import BenchCNN, TinyCNN, TinyMLP, TinyResNet, tiny_mixer, tiny_vit
 from workbench.models.weights import load_weights, read_state_dict, save_weights
 
 __all__ = [
@@ -24,4 +24,5 @@ __all__ = [
     "TinyMLP",
     "tiny_vit",
     "tiny_mixer",
+    "TinyResNet",
 ]

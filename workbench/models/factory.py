@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from workbench.models.tiny import BenchCNN, TinyCNN, TinyMLP, tiny_mixer, tiny_vit
+from workbench.models.tiny import BenchCNN, TinyCNN, TinyMLP, TinyResNet, tiny_mixer, tiny_vit
 
 __all__ = ["create", "available", "HEADS"]
 
@@ -20,6 +20,7 @@ _BUILTINS: dict[str, Callable[..., nn.Module]] = {
     "bench_cnn": BenchCNN,
     "vit": tiny_vit,
     "mixer": tiny_mixer,
+    "resnet": TinyResNet,
     "mlp": TinyMLP,
 }
 
@@ -68,7 +69,7 @@ def available() -> list[str]:
 def create(name: str, **kwargs: Any) -> nn.Module:
     """Build a model by name, offline, with freshly initialised weights.
 
-    ``name`` is a built-in (``"cnn"``, ``"cnn_small"``, ``"bench_cnn"``, ``"vit"``, ``"mixer"``, ``"mlp"``), a tiny
+    ``name`` is a built-in (``"cnn"``, ``"cnn_small"``, ``"bench_cnn"``, ``"vit"``, ``"mixer"``, ``"resnet"``, ``"mlp"``), a tiny
     transformers model (kwargs override config fields), ``"hf:<model_type>"`` (kwargs are config fields
     for ``AutoConfig.for_model``), or any timm model name (kwargs such as ``in_chans``, ``num_classes``,
     ``img_size`` pass through to timm). Every model returned has a timm-style ``feature_info`` list.

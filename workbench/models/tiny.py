@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-__all__ = ["TinyCNN", "BenchCNN", "TinyMLP", "GlobalAvgPool", "tiny_vit", "tiny_mixer"]
+__all__ = ["TinyCNN", "BenchCNN", "TinyMLP", "GlobalAvgPool", "tiny_vit", "tiny_mixer", "TinyResNet"]
 
 
 class GlobalAvgPool(nn.Module):
@@ -248,3 +248,49 @@ def tiny_mixer(
 def _block_stages(depth: int, dim: int, patch_size: int) -> list[dict[str, Any]]:
     """A timm-style ``feature_info``: each of the ``depth`` token blocks ``blocks.i`` is a stage of width ``dim``."""
     return [{"module": f"blocks.{i}", "num_chs": dim, "reduction": patch_size} for i in range(depth)]
+
+
+class TinyResNet(nn.Module):
+    """A small ResNet of timm ``BasicBlock``s for small images: a 3x3 conv-BN-ReLU ``stem`` (no max-pool),
+    stages ``stages.0 ..`` of ``blocks`` blocks each (stride 2 at the start of every stage after the
+    first, a 1x1 conv-BN shortcut where the shape changes), GAP ``pool``, linear ``head``.
+
+    timm's ``ResNet`` class always runs four stages behind a stride-4 stem, so the blocks are assembled here.
+    Stage ``i`` outputs ``[n, widths[i], img_size / 2**i, img_size / 2**i]``.
+
+    Example:
+        >>> import torch
+        >>> model = TinyResNet(widths=(8, 16))
+        >>> model(torch.zeros(2, 1, 32, 32)).shape, [d["module"] for d in model.feature_info]
+        (torch.Size([2, 10]), ['stages.0', 'stages.1'])
+    """
+
+    def __init__(self, widths: Sequence[int] = (16, 32, 64), blocks: int = 1, in_chans: int = 1,
+                 num_classes: int = 10, img_size: int = 32) -> None:
+        super().__init__()
+        from timm.models.resnet import BasicBlock
+
+        widths = [int(w) for w in widths]
+        if not widths or min(widths) < 1 or int(blocks) < 1:
+            raise ValueError(f"TinyResNet needs widths >= 1 and blocks >= 1, got widths={widths}, blocks={blocks}; "
+                             "e.g. widths=(16, 32, 64), blocks=1")
+        self.img_size, self.num_classes = img_size, num_classes
+        self.stem = nn.Sequential(*_conv_bn_relu(in_chans, widths[0]))
+        stages, in_chs = [], widths[0]
+        for index, width in enumerate(widths):
+            stride = 1 if index == 0 else 2
+            layers = []
+            for block in range(int(blocks)):
+                shortcut = None
+                if block == 0 and (stride != 1 or in_chs != width):
+                    shortcut = nn.Sequential(nn.Conv2d(in_chs, width, 1, stride, bias=False), nn.BatchNorm2d(width))
+                layers.append(BasicBlock(in_chs, width, stride if block == 0 else 1, shortcut))
+                in_chs = width
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.Sequential(*stages)
+        self.pool = GlobalAvgPool()
+        self.head = nn.Linear(in_chs, num_classes)
+        self.feature_info = [{"module": f"stages.{i}", "num_chs": w, "reduction": 2**i} for i, w in enumerate(widths)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.stages(self.stem(x))))

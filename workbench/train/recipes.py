@@ -39,7 +39,7 @@ RECIPES: dict[str, Recipe] = {
 """Recipes by family; :func:`recipe_family` names the family of a model name."""
 
 _BUILTIN_FAMILIES = {"cnn": "cnn", "bench_cnn": "cnn", "cnn_small": "cnn_small", "mlp": "mlp", "vit": "vit",
-                     "mixer": "mixer"}
+                     "mixer": "mixer", "resnet": "cnn"}
 _TIMM_FAMILIES = {"vision_transformer": "timm_vit", "deit": "timm_vit", "resnet": "timm_resnet"}
 
 
