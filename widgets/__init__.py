@@ -5,8 +5,10 @@ Example:
     >>> GapExplorer.__name__
     'GapExplorer'
 """
+from widgets.attribution_compare import AttributionCompare
 from widgets.gap_explorer import GapExplorer
 from widgets.ofa_explorer import OFAExplorer
+from widgets.student_search import StudentSearch
 from widgets.training_monitor import TrainingMonitor
 
-__all__ = ["GapExplorer", "OFAExplorer", "TrainingMonitor"]
+__all__ = ["AttributionCompare", "GapExplorer", "OFAExplorer", "StudentSearch", "TrainingMonitor"]

@@ -188,6 +188,8 @@ def check_array(value: Any, name: str, ndim: int) -> np.ndarray:
 
 
 def _to_json(value: Any) -> Any:
+    if callable(getattr(value, "to_json", None)):  # a value object that writes itself (a search's Candidate)
+        value = value.to_json()
     if isinstance(value, np.ndarray):
         value = value.tolist()
     if isinstance(value, float) and not math.isfinite(value):
