@@ -75,6 +75,13 @@ def _ofa_rules() -> dict[str, Rule]:
     return {"pairs": pairs_rule(), "methods": pair_methods_rule()}
 
 
+def _diswot_rules() -> dict[str, Rule]:
+    """The ``diswot`` report's candidates (workbench.reports.diswot_rank)."""
+    from workbench.reports.diswot_rank import candidates_rule
+
+    return {"candidates": candidates_rule()}
+
+
 _MODELS = {"teacher": ("teacher", "teacher_kwargs"), "student": ("student", "student_kwargs")}
 _SHARED = {
     "teacher": model_name("teacher"),
@@ -135,6 +142,24 @@ DECLARATIONS: dict[str, Declaration] = {
         "results": output_file("ofa"),
         "overwrite_results": flag(),
     }),
+    "diswot": Declaration({  # the teacher is built as the other reports build it; each candidate by its rule
+        "dataset": _SHARED["dataset"],
+        "teacher": _SHARED["teacher"],
+        "teacher_kwargs": _SHARED["teacher_kwargs"],
+        "teacher_epochs": optional(integer(1, example=6, what="None: the teacher family's recipe")),
+        "teacher_lr": optional(number(above=0, example=0.005, what="None: the teacher family's recipe")),
+        **_diswot_rules(),
+        "seeds": seed_list(),
+        "epochs": integer(1, example=10, what="student training epochs"),
+        "lr": number(above=0, example=0.005, what="a learning rate"),
+        "batch_size": _SHARED["batch_size"],
+        "n_train": integer(0, example=1000, what="0: all training images"),
+        "search_batch_size": integer(2, example=64, what="images DisWOT's batch similarity matrices need, at least 2"),
+        "device": _SHARED["device"],
+        "threads": integer(0, example=1, what="0: torch's default"),
+        "results": output_file("diswot"),
+        "overwrite_results": flag(),
+    }, {"teacher": ("teacher", "teacher_kwargs")}),
 }
 
 

@@ -80,6 +80,14 @@ REPORTS: dict[str, Report] = {
         output_files=(("results", ".md"),),
         overwrite_parameter="overwrite_results",
     ),
+    "diswot": Report(
+        "diswot",
+        NOTEBOOKS_DIR / "diswot_search.ipynb",
+        "DisWOT validated: training-free scores (DisWOT, its terms, NWOT, SNIP, GradNorm, size) ranked against the "
+        "distilled accuracy of every candidate student (Kendall tau with bootstrap CIs)",
+        output_files=(("results", ".md"),),
+        overwrite_parameter="overwrite_results",
+    ),
 }
 
 
