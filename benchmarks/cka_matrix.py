@@ -8,6 +8,14 @@ W1: teacher ``bench_cnn`` (width 1), student ``bench_cnn`` (width 0.5), the 8 mo
     python benchmarks/cka_matrix.py --device cuda --markdown ...                  # GPU
     python benchmarks/cka_matrix.py --quick                                       # smoke size
     python benchmarks/cka_matrix.py --profile                                     # where cka_matrix spends time
+    python benchmarks/cka_matrix.py --no-peers --against HEAD --batch-size 1024   # this tree against a commit
+
+Timing is interleaved in one process per subject: each round runs (a) the bare forward passes, (b) ``cka_matrix``,
+(b₀) ``cka_matrix`` as committed at ``--against`` (if given), (c) the Gram products alone and (a′) the hooked
+forward passes, one after the other (A B A B …), so every ratio is paired within a round and reported with its
+spread. Each run's minor page faults (``ru_minflt`` deltas) are recorded: glibc returns freed activation memory
+to the kernel (``mmap`` / trim thresholds), so a loop that frees and re-allocates its activations page-faults
+them in again; ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0`` (inherited by the workers) keeps that memory.
 
 Every measurement runs in a fresh subprocess (``--worker``), so peak memory is that measurement's own and
 the peers' leftover hooks never touch another measurement. Values are checked against a float64
@@ -22,12 +30,14 @@ import importlib
 import json
 import os
 import platform
+import resource
 import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import types
 import warnings
 from contextlib import contextmanager
 from datetime import date
@@ -144,6 +154,34 @@ def run_ckatorch(teacher, student, loader, device):
 
 SUBJECTS = {"forward": run_forward, "ours": run_ours, "torch-cka": run_torch_cka,
             "cka-pytorch": run_cka_pytorch, "ckatorch": run_ckatorch}
+
+
+def cka_matrix_at(ref: str):
+    """``cka_matrix`` as committed at git ``ref``: its ``cka_stream.py`` and ``kernels.py`` from that commit,
+    loaded under their own module names; everything else (capture, batching) from this tree."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    modules = {}
+    for name in ("kernels", "cka_stream"):
+        text = subprocess.run(["git", "-C", root, "show", f"{ref}:workbench/probes/{name}.py"], check=True,
+                              capture_output=True, text=True).stdout
+        text = text.replace("from workbench.probes.kernels import", "from _at_ref_kernels import")
+        module = types.ModuleType(f"_at_ref_{name}")
+        sys.modules[module.__name__] = module  # before exec: its own annotations and imports resolve
+        exec(compile(text, f"{ref}:workbench/probes/{name}.py", "exec"), module.__dict__)
+        modules[name] = module
+    return modules["cka_stream"].cka_matrix
+
+
+def baseline_subject(ref: str):
+    """(b₀) ``cka_matrix`` at ``ref``, called exactly as (b)."""
+    cka_matrix = cka_matrix_at(ref)
+
+    def run_baseline(teacher, student, loader, device):
+        result = cka_matrix(teacher, student, loader, LAYERS, LAYERS, kernel="linear", debiased=True,
+                            device=device, batch_size=loader.batch_size, progress=False)
+        return {"values": result.values}
+
+    return run_baseline
 
 
 def captured_features(teacher, student, inputs):
@@ -300,6 +338,13 @@ def timed(function, *args):
     return time.perf_counter() - start, output
 
 
+def faulted(function, *args) -> tuple[float, int, object]:
+    """(seconds, minor page faults of this process, output) of one call."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    seconds, output = timed(function, *args)
+    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, output
+
+
 def worker(job: dict) -> dict:
     """One measurement in this (fresh) process: ``time`` (warm-up + repeats, forward interleaved),
     ``memory`` (one run, peak growth) or ``reference`` (float64 values)."""
@@ -310,7 +355,7 @@ def worker(job: dict) -> dict:
     loader = make_loader(job["n_samples"], job["batch_size"])
     if job["kind"] == "reference":
         return reference_job(teacher, student, loader, job)
-    function = SUBJECTS[subject]
+    function = baseline_subject(job["against"]) if subject == "baseline" else SUBJECTS[subject]
     # peers leave hooks behind: each of their runs gets fresh copies of the same weights
     fresh = (lambda: (teacher, student)) if subject in ("forward", "ours") else (
         lambda: (copy.deepcopy(teacher), copy.deepcopy(student)))
@@ -330,23 +375,40 @@ def worker(job: dict) -> dict:
             if device.startswith("cuda"):
                 out["cuda_growth_bytes"] = torch.cuda.max_memory_allocated() - base_cuda
             return out
-        run_forward(teacher, student, loader, device)  # warm-up
-        result = function(*fresh(), loader, device)
-        forward_seconds, seconds, gram_seconds, hooked_seconds = [], [], [], []
-        features = captured_features(teacher, student, next(iter(loader))[0].to(device)) if subject == "ours" else None
-        for _ in range(job["repeats"]):
-            forward_seconds.append(timed(run_forward, teacher, student, loader, device)[0])
-            elapsed, result = timed(function, *fresh(), loader, device)
-            seconds.append(elapsed)
-            if features is not None:
-                gram_seconds.append(timed(run_grams, features, len(loader), device)[0])
-                hooked_seconds.append(timed(run_forward_hooked, teacher, student, loader, device)[0])
-        out.update(forward_seconds=forward_seconds, seconds=seconds, gram_seconds=gram_seconds,
-                   hooked_seconds=hooked_seconds)
-        out.update({key: np.asarray(value).tolist() if key.startswith("values") else value
-                    for key, value in (result or {}).items()})
+        out.update(interleaved_rounds(function, fresh, teacher, student, loader, job))
     except Exception as error:  # a peer that cannot run W1 is a result, not a crash of the benchmark
         out["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    return out
+
+
+def interleaved_rounds(function, fresh, teacher, student, loader, job) -> dict:
+    """One warm-up of every subject, then ``repeats`` rounds of (a) forward, the subject, and for ``ours``
+    also (b₀) the ``--against`` baseline, (c) the Gram products and (a′) the hooked forward: seconds and
+    minor page faults per run, so every ratio pairs runs of the same round."""
+    device = job["device"]
+    ours = job["subject"] == "ours"
+    subjects = {"forward": lambda: run_forward(teacher, student, loader, device),
+                "": lambda: function(*fresh(), loader, device)}
+    if ours and job.get("against"):
+        baseline = baseline_subject(job["against"])
+        subjects["baseline_"] = lambda: baseline(teacher, student, loader, device)
+    if ours:
+        features = captured_features(teacher, student, next(iter(loader))[0].to(device))
+        subjects["gram_"] = lambda: run_grams(features, len(loader), device)
+        subjects["hooked_"] = lambda: run_forward_hooked(teacher, student, loader, device)
+    outputs = {name: run() for name, run in subjects.items()}  # warm-up
+    out: dict = {}
+    for _ in range(job["repeats"]):
+        for name, run in subjects.items():
+            seconds, faults, outputs[name] = faulted(run)
+            key = "forward_" if name == "forward" else name
+            out.setdefault(f"{key}seconds", []).append(seconds)
+            out.setdefault(f"{key}minflt", []).append(faults)
+    out.setdefault("gram_seconds", [])
+    out.setdefault("hooked_seconds", [])
+    for name, prefix in (("", ""), ("baseline_", "baseline_")):
+        out.update({prefix + key: np.asarray(value).tolist() if key.startswith("values") else value
+                    for key, value in (outputs.get(name) or {}).items()})
     return out
 
 
@@ -409,23 +471,25 @@ def measure(config: dict, peers: list[str], log=print, runner=None) -> dict:
     Each job goes to ``runner`` (default: :func:`run_worker`, a fresh process per job)."""
     runner = runner or run_worker
     base = {key: config[key] for key in ("device", "threads", "batch_size")}
+    against = config.get("against")
     n, big = config["n_samples"], config["big_n_samples"]
     results: dict = {"config": config, "time": {}, "memory": {}}
     start = cpu_snapshot()
     for subject in ("ours", *peers):
         log(f"timing {subject}: N={n}, {config['repeats']} repeats, forward passes interleaved")
         results["time"][subject] = runner({**base, "kind": "time", "subject": subject, "n_samples": n,
-                                           "repeats": config["repeats"]})
+                                           "repeats": config["repeats"], "against": against})
     log(f"float64 reference: N={n}, float64 forward on the first {config['reference_subset']}")
     results["reference"] = runner({**base, "kind": "reference", "n_samples": n,
                                    "reference_subset": config["reference_subset"]})
-    for size, subjects in ((n, ("forward", "ours", *peers)), (big, ("forward", "ours"))):
+    baseline = ("baseline",) if against else ()
+    for size, subjects in ((n, ("forward", "ours", *baseline, *peers)), (big, ("forward", "ours", *baseline))):
         for subject in subjects:
-            if subject != "forward" and not results["time"].get(subject, {}).get("seconds"):
+            if subject not in ("forward", "baseline") and not results["time"].get(subject, {}).get("seconds"):
                 continue  # it could not run W1 at all
             log(f"peak memory of {subject}: N={size}, fresh process")
             results["memory"][f"{subject}@{size}"] = runner({**base, "kind": "memory", "subject": subject,
-                                                             "n_samples": size})
+                                                             "n_samples": size, "against": against})
     results["other_cpu_share"] = other_cpu_share(start, cpu_snapshot())
     results["flops"] = flop_budget(config["batch_size"], n)
     results["machine"] = machine_info(config["device"], config["threads"])
@@ -435,7 +499,9 @@ def measure(config: dict, peers: list[str], log=print, runner=None) -> dict:
 
 def machine_info(device: str, threads: int) -> dict:
     info = {"cpu": f"{cpu_model()}, torch threads {threads}", "torch": torch.__version__,
-            "python": platform.python_version(), "os": platform.platform(terse=True)}
+            "python": platform.python_version(), "os": platform.platform(terse=True),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
     info["peers"] = ", ".join(f"{name} {_version(name)}" for name in PEERS if _version(name))
@@ -466,7 +532,7 @@ def labelled_phases(teacher, student):
                 return function(*args, **kwargs)
         return wrapped
 
-    patches = [(cka_stream, "centred_gram", "column centring + Gram matmul (float32)"),
+    patches = [(cka_stream, "checked_centred_gram", "column centring + Gram matmul (float32)"),
                (cka_stream, "centre_gram", "U-centring (float64)"),
                (stream, "_check_finite", "NaN/Inf check of the features"),
                (cka_stream.CKAAccumulator, "update", "accumulator: float64 cast, HSIC sums")]
@@ -557,12 +623,15 @@ def render_markdown(results: dict) -> str:
         f"| CPU | {machine['cpu']} |", f"| device | {config['device']}{' (' + machine['gpu'] + ')' if 'gpu' in machine else ''} |",
         f"| software | torch {machine['torch']}, Python {machine['python']}, {machine['os']} |",
         f"| peers | {machine['peers'] or 'none installed'} |",
-        f"| other work | {_share_verdict(share)} |", "",
+        f"| other work | {_share_verdict(share)}; load average at the end "
+        f"{', '.join(f'{value:.2f}' for value in machine.get('load_average') or ())} |",
+        f"| allocator | `GLIBC_TUNABLES={machine.get('glibc_tunables') or ''}` |", "",
         f"W1: teacher `bench_cnn` width 1, student `bench_cnn` width 0.5, 8 hooked modules each "
         f"({', '.join(f'`{name}`' for name in LAYERS)}), {n:,} seeded random 3×32×32 inputs, batch "
         f"{config['batch_size']}, float32, eval mode, the same `DataLoader` of `(x, y)` batches for every row. "
-        f"Times are medians of {config['repeats']} runs after one warm-up run, each subject in its own process "
-        "with the forward passes (a) re-timed between its runs (the `× (a)` column uses that process's own (a)). "
+        f"Times are medians of {config['repeats']} rounds after one warm-up of each subject, each subject in its "
+        "own process, its runs interleaved with (a) (and, for ours, (b₀), (c), (a′)) round by round (the `× (a)` "
+        "column uses that process's own (a)). "
         "`other CPU` is the share of the machine other processes used while that process ran.", "",
         "## Time", "", "| what | median s | runs s | × (a) | other CPU |", "|---|---|---|---|---|",
         f"| (a) forward passes alone (both models, same batches, `no_grad`) | {a:.2f} | "
@@ -574,6 +643,11 @@ def render_markdown(results: dict) -> str:
         f"| (a′) forward passes with the 16 capture hooks holding the activations, as inside (b) | {hooked:.2f} | "
         f"{_span(ours.get('hooked_seconds', []))} | {hooked / a:.2f} | {_share(ours.get('other_cpu_share'))} |",
     ]
+    if ours.get("baseline_seconds"):
+        before = _median(ours["baseline_seconds"])
+        lines.append(f"| (b₀) `cka_matrix` as committed at `{config['against']}`, same process, same rounds | "
+                     f"{before:.2f} | {_span(ours['baseline_seconds'])} | {before / a:.2f} | "
+                     f"{_share(ours.get('other_cpu_share'))} |")
     for name in PEERS:
         peer = results["time"].get(name)
         if peer is None:
@@ -588,6 +662,7 @@ def render_markdown(results: dict) -> str:
     lines += [
         "", f"**b/a = {b / a:.2f}** (medians; target ≤ 1.3); paired per-run b/a "
         f"{_span([y / x for x, y in zip(ours['forward_seconds'], ours['seconds'])])}.", "",
+        *paired_section(ours, config.get("against")),
         "## The floor that the Gram products' FLOPs imply", "",
         "| | MACs |", "|---|---|",
         f"| forward, per sample (FlopCounterMode: convs + head) | teacher {flops['forward_macs_per_sample']['teacher']:,}, "
@@ -620,6 +695,37 @@ def render_markdown(results: dict) -> str:
     if results.get("skipped_peers"):
         lines += ["", f"Not run (not installed or `--no-peers`): {', '.join(results['skipped_peers'])}."]
     return "\n".join(lines) + "\n"
+
+
+def _paired(numerators, denominators) -> str:
+    ratios = [top / bottom for top, bottom in zip(numerators, denominators)]
+    return f"{_median(ratios):.3f} ({_span(ratios)})" if ratios else "—"
+
+
+def own_times(ours: dict, keys: tuple[str, ...]) -> list[list[float]]:
+    """Each subject's runs minus the same round's hooked forward (a′): the time the CKA itself adds."""
+    return [[run - hooked for run, hooked in zip(ours[key], ours["hooked_seconds"])] for key in keys]
+
+
+def paired_section(ours: dict, against: str | None) -> list[str]:
+    """Per-round ratios (median, min–max) and the median minor page faults of each subject's runs."""
+    runs = {"(a) forward": "forward_", "(b) cka_matrix": "", "(b₀) at " + str(against): "baseline_",
+            "(c) Gram products": "gram_", "(a′) hooked forward": "hooked_"}
+    runs = {label: key for label, key in runs.items() if ours.get(f"{key}seconds")}
+    lines = ["Paired within each round (median, min–max over rounds):", "",
+             "| ratio | value |", "|---|---|",
+             f"| b / a | {_paired(ours['seconds'], ours['forward_seconds'])} |"]
+    if ours.get("hooked_seconds"):
+        lines.append(f"| b / a′ | {_paired(ours['seconds'], ours['hooked_seconds'])} |")
+        lines.append(f"| a′ / a | {_paired(ours['hooked_seconds'], ours['forward_seconds'])} |")
+    if ours.get("baseline_seconds"):
+        lines.append(f"| b / b₀ (this tree over `{against}`) | {_paired(ours['seconds'], ours['baseline_seconds'])} |")
+        lines.append(f"| (b − a′) / (b₀ − a′) (the CKA's own time) | "
+                     f"{_paired(*own_times(ours, ('seconds', 'baseline_seconds')))} |")
+    if ours.get("minflt"):
+        lines += ["", "| subject | minor page faults per run (median) |", "|---|---|"]
+        lines += [f"| {label} | {_median(ours[f'{key}minflt']):,.0f} |" for label, key in runs.items()]
+    return lines + [""]
 
 
 def memory_section(results: dict) -> list[str]:
@@ -704,6 +810,8 @@ def parse_args(argv):
     parser.add_argument("--repeats", type=int, help="timed runs per measurement (default 5; quick 2)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--no-peers", action="store_true", help="skip the peer packages")
+    parser.add_argument("--batch-size", type=int, help="W1's batch (default 200; e.g. 64, 1024)")
+    parser.add_argument("--against", metavar="REF", help="also time cka_matrix as committed at this git ref")
     parser.add_argument("--profile", action="store_true", help="only profile one cka_matrix run and print it")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -722,6 +830,9 @@ def main(argv: list[str] | None = None) -> int:
     config = {**(QUICK if args.quick else FULL), "device": args.device, "threads": args.threads}
     if args.repeats:
         config["repeats"] = args.repeats
+    if args.batch_size:
+        config["batch_size"] = args.batch_size
+    config["against"] = args.against
     if args.profile:
         print(profile(config))
         return 0

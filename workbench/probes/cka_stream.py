@@ -16,6 +16,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import closing
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -24,8 +25,8 @@ from torch import nn
 from workbench.capture import LayerSelector
 from workbench.probes.cka_result import CKAResult
 from workbench.probes.kernels import (
-    KERNELS, centre_gram, centred_gram, check_rbf_settings, dead_layer_message, hsic_scale, rbf_from_gram,
-    scaled_centred_gram, zero_floor,
+    KERNELS, ZERO_BANDWIDTH, _power_of_two, centre_gram, check_rbf_settings, checked_centred_gram, dead_layer_message,
+    hsic_scale, rbf_kernel, zero_floor,
 )
 from workbench.probes.stream import paired_batches
 
@@ -43,20 +44,54 @@ def check_kernel(kernel: str) -> None:
 MAX_EXPONENT = 200
 """Float64 features whose largest magnitude is beyond 2**±200 (≈ 1e±60) are refused: the HSIC sums
 (fourth powers of the features) would leave float64's range. Every float32 / half / integer layer fits."""
-SAFE_GRAM_RANGE = {torch.float32: (2.0**-60, math.inf), torch.float64: (2.0**-400, 2.0**400)}
-"""Largest diagonal entry of a Gram for which the plain product is trusted. Below 2**-60 a float32 layer's
-features are below about 2**-30 (1e-9), well above where float32 products lose digits to the subnormal
-range (below 2**-103), so the rescaled path takes over in time; float64: the HSIC sums' range."""
+SAFE_FLOAT64_GRAM_RANGE = (2.0**-400, 2.0**400)
+"""Largest diagonal entry (in the features' units) of a float64 Gram that needs no range check: a float64
+layer outside it with an exponent beyond :data:`MAX_EXPONENT` is refused. Float32 Grams are always products
+of features scaled by a power of two (exact), so their range is never refused."""
+EAGER_DEVICES = frozenset({"cpu"})
+"""Devices where reading a value is a memory load, not a device synchronisation. There each batch's faults
+(NaN / Inf features, float64 features beyond the sums' range, a zero RBF bandwidth) are read once per batch
+and raised by :meth:`CKAAccumulator.update` before the batch is added. On other devices (CUDA, MPS) they are
+recorded on the device and raised by the first call that reads the sums (``values``, ``dead_layers``,
+``merge``, ``all_reduce``): no host round trip per batch."""
+_NO_FAULT = -1
+
+
+class _Side(NamedTuple):
+    """One side's batch terms, all on the features' device."""
+
+    grams: torch.Tensor  # [L, n·n] float64 (U-)centred Grams, in units of 4**exponent (linear) or of the kernel
+    factors: torch.Tensor  # [L] float64: 4**exponent (linear, exact) or 1 (RBF)
+    floors: torch.Tensor  # [L] float64 zero_floor of each Gram's trace, in the features' units
+    faults: torch.Tensor  # [3, L] bool: non-finite features, float64 features out of range, zero RBF bandwidth
+    exponents: torch.Tensor  # [L] int64 binary exponent of the raw features (named by the range error)
+
+
+def _self_terms(grams: torch.Tensor) -> torch.Tensor:
+    """``[L]`` squared Frobenius norms of ``[L, m]`` rows as batched dot products (no squared copy)."""
+    return torch.bmm(grams.unsqueeze(1), grams.unsqueeze(2)).flatten()
+
+
+def _out_of_float64_range(gram: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """0-dim bool: the float64 Gram ``gram · 4**exponent`` has its largest diagonal entry outside
+    :data:`SAFE_FLOAT64_GRAM_RANGE` (zero included), decided on the device from the binary exponents alone."""
+    low, high = SAFE_FLOAT64_GRAM_RANGE
+    mantissa, power = torch.frexp(gram.diagonal().amax())
+    power = power.to(torch.int64) + 2 * exponent.to(torch.int64)  # largest = mantissa · 2**power
+    low_power, high_power = math.frexp(low)[1], math.frexp(high)[1] - 1  # mantissa ∈ [0.5, 1)
+    below_high = (power <= high_power) | ((power == high_power + 1) & (mantissa == 0.5))
+    return ~((mantissa > 0) & (power >= low_power) & below_high)
 
 
 class CKAAccumulator:
     """Sufficient statistics of the minibatch CKA between teacher and student layers (names, or counts).
 
-    Each batch's Gram is formed in the features' dtype (float32 stays float32, the fast path) and summed
-    in float64 in the features' own units. Where the plain float32 product would under- or overflow
-    (activations around 1e-23, or near 1e38) the centred features are first scaled by a power of two
-    (exact: no digit changes), so float32 activations of any magnitude give the exact value. Integer and
-    bool activations are centred exactly (int64 / float64) before a float32 product.
+    Each batch's Gram is formed in the features' dtype (float32 stays float32, the fast path) from the
+    centred features scaled by a power of two (exact: no digit changes), so float32 activations of any
+    magnitude give the exact value; it is summed in float64, the power of two folded back in after the
+    products. Integer and bool activations are centred exactly (int64 / float64) before a float32 product.
+    The sums stay on the features' device; nothing is read back per batch except on the CPU (see
+    :data:`EAGER_DEVICES`), and the host gets them once, when :meth:`values` is asked.
 
     A layer whose accumulated (U-)centred Gram is zero up to rounding (see
     :data:`workbench.probes.kernels.DEAD_TOLERANCE`) is dead: :meth:`values` gives NaN for its row or
@@ -87,14 +122,34 @@ class CKAAccumulator:
         self.kernel, self.debiased, self.threshold, self.sigma = kernel, debiased, threshold, sigma
         self.teacher_layers = _layer_labels(teacher_layers)
         self.student_layers = _layer_labels(student_layers)
-        self.cross = torch.zeros(len(self.teacher_layers), len(self.student_layers), dtype=torch.float64)
-        self.teacher_self = torch.zeros(len(self.teacher_layers), dtype=torch.float64)
-        self.student_self = torch.zeros(len(self.student_layers), dtype=torch.float64)
-        # Σ_b scale · zero_floor(trace K_b): the self terms at or below these are rounding (a dead layer)
-        self.teacher_floor = torch.zeros(len(self.teacher_layers), dtype=torch.float64)
-        self.student_floor = torch.zeros(len(self.student_layers), dtype=torch.float64)
+        self._allocate(torch.device("cpu"))
         self.n_samples = 0
         self.n_batches = 0
+
+    def _allocate(self, device: torch.device) -> None:
+        """Zero sums and no faults on ``device``."""
+        teacher, student = len(self.teacher_layers), len(self.student_layers)
+        self._bind(torch.zeros(teacher * student + 2 * (teacher + student), dtype=torch.float64, device=device),
+                   torch.full((4, teacher + student), _NO_FAULT, dtype=torch.int64, device=device))
+
+    def _bind(self, sums: torch.Tensor, faults: torch.Tensor) -> None:
+        """Adopt the flat float64 sums (views ``cross``, ``teacher_self``, ``student_self``, and the dead-layer
+        floors: Σ_b scale · zero_floor(trace K_b)) and the ``[4, L]`` fault record: per layer (teacher, then
+        student) the first sample of the batch with each fault, and the exponent the range fault names."""
+        teacher, student = len(self.teacher_layers), len(self.student_layers)
+        self._sums, self._faults = sums, faults
+        cross, self.teacher_self, self.student_self, self.teacher_floor, self.student_floor = sums.split(
+            [teacher * student, teacher, student, teacher, student])
+        self.cross = cross.view(teacher, student)
+
+    def _place(self, device: torch.device) -> None:
+        """Keep the sums on the features' device: fresh zeros there before the first batch, else moved once."""
+        if self._sums.device == device:
+            return
+        if self.n_batches == 0:
+            self._allocate(device)
+        else:
+            self._bind(self._sums.to(device), self._faults.to(device))
 
     def settings(self) -> dict[str, object]:
         """What must agree for two accumulators to merge: layers, kernel, estimator and RBF bandwidth."""
@@ -102,64 +157,48 @@ class CKAAccumulator:
         return {"teacher_layers": self.teacher_layers, "student_layers": self.student_layers,
                 "kernel": self.kernel, "debiased": self.debiased, **rbf}
 
-    def _layer_gram(self, value: torch.Tensor, role: str, layer: str) -> tuple[torch.Tensor, torch.dtype]:
-        """One layer's linear Gram in float64 (the features' units) and the dtype its product ran in.
-
-        Fast path: the plain product of the centred features in their dtype (integers: centred exactly,
-        multiplied in float32). One host read per layer, as before, checks that it is finite and that its
-        largest diagonal entry is inside :data:`SAFE_GRAM_RANGE`; otherwise (NaN/Inf features, a float32
-        mean that overflows, features so small that float32 products lose digits, a dead layer) the
-        careful path decides.
-        """
-        if value.is_floating_point():
-            gram, exponent = centred_gram(value), None
-        else:
-            gram, exponent = scaled_centred_gram(value)
-        low, high = SAFE_GRAM_RANGE.get(gram.dtype, SAFE_GRAM_RANGE[torch.float32])
-        largest = gram.diagonal().amax()
-        if not bool(torch.isfinite(gram).all() & (largest >= low) & (largest <= high)):
-            gram, exponent = self._rescaled_gram(value, role, layer)
-        gram64 = gram.to(torch.float64)
-        if exponent is not None:
-            gram64 = gram64 * ((exponent.to(torch.int64) * 2 + 1023) << 52).view(torch.float64)  # 4**e, exact
-        return gram64, gram.dtype
-
-    def _rescaled_gram(self, value: torch.Tensor, role: str, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The careful path: NaN/Inf refused, else the Gram of features scaled by a power of two (exact)."""
-        if not torch.isfinite(value).all():
-            raise FloatingPointError(
-                f"{role} layer {layer!r} produced NaN or Inf in the batch starting at sample {self.n_samples}"
-            )
-        gram, exponent = scaled_centred_gram(value)
-        if not torch.isfinite(gram).all():  # a float32 column mean that overflows
-            gram, exponent = scaled_centred_gram(value.to(torch.float64))
-        if gram.dtype == torch.float64 and abs(int(exponent)) > MAX_EXPONENT:
-            raise ValueError(
-                f"{role} layer {layer!r} has float64 features of magnitude about 2**{int(exponent)} in the batch "
-                f"starting at sample {self.n_samples}: beyond 2**±{MAX_EXPONENT}, the HSIC sums leave float64's "
-                "range. CKA is scale-invariant: divide the layer's features by a constant (e.g. their max)"
-            )
-        return gram, exponent
-
-    def _centred_grams(
-        self, features: Sequence[torch.Tensor], role: str, layers: list[str]
-    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.dtype]]:
-        """``[L, n·n]`` float64 (U-)centred Grams, flattened; ``[L]`` traces before centring; product dtypes."""
+    def _side(self, features: Sequence[torch.Tensor]) -> _Side:
+        """One side's (U-)centred Grams and per-layer terms, computed on the device with no host read."""
         n = features[0].shape[0]
-        grams = torch.empty(len(features), n, n, dtype=torch.float64, device=features[0].device)
-        dtypes = []
+        device = features[0].device
+        grams = torch.empty(len(features), n, n, dtype=torch.float64, device=device)
+        exponents, faults, dtypes = [], [], []
+        no = torch.zeros((), dtype=torch.bool, device=device)
         for index, value in enumerate(features):
-            gram, dtype = self._layer_gram(value.reshape(n, -1), role, layers[index])
-            grams[index] = gram
+            gram, exponent, finite = checked_centred_gram(value.reshape(n, -1))
+            out_of_range = no
+            if gram.dtype == torch.float64:
+                out_of_range = (exponent.abs() > MAX_EXPONENT) & _out_of_float64_range(gram, exponent)
+            grams[index].copy_(gram)  # the float64 cast, in place: no temporary
+            bandwidth_ok, dtype = ~no, gram.dtype
             if self.kernel == "rbf":
-                grams[index] = rbf_from_gram(grams[index], threshold=self.threshold, sigma=self.sigma)
+                grams[index].mul_(_power_of_two(2 * self._usable(exponent), torch.float64))  # the features' units
+                kernel, bandwidth_ok = rbf_kernel(grams[index], self.threshold, self.sigma)
+                grams[index].copy_(kernel)
                 dtype = torch.float64  # the kernel's entries are computed in float64
+            exponents.append(exponent.to(torch.int64))
+            faults.append(torch.stack([~finite, out_of_range, ~bandwidth_ok]))
             dtypes.append(dtype)
-        traces = grams.diagonal(dim1=1, dim2=2).sum(dim=1)
-        return centre_gram(grams, unbiased=self.debiased, inplace=True).flatten(1), traces, dtypes
+        exponents = torch.stack(exponents)
+        factors = (_power_of_two(2 * self._usable(exponents), torch.float64) if self.kernel == "linear"
+                   else torch.ones(len(features), dtype=torch.float64, device=device))
+        traces = grams.diagonal(dim1=1, dim2=2).sum(dim=1) * factors
+        floors = torch.stack([zero_floor(trace, dtype) for trace, dtype in zip(traces, dtypes)])
+        centred = centre_gram(grams, unbiased=self.debiased, inplace=True).flatten(1)
+        return _Side(centred, factors, floors, torch.stack(faults, dim=1), exponents)
+
+    @staticmethod
+    def _usable(exponent: torch.Tensor) -> torch.Tensor:
+        """The exponent where 4**exponent is a float64 the sums can hold, else 0 (a refused layer's terms are
+        never read)."""
+        return torch.where(exponent.abs() <= MAX_EXPONENT, exponent, 0)
 
     def update(self, teacher_features: Sequence[torch.Tensor], student_features: Sequence[torch.Tensor]) -> None:
-        """Add one batch: a ``[n, ...]`` tensor per teacher layer and per student layer, same n."""
+        """Add one batch: a ``[n, ...]`` tensor per teacher layer and per student layer, same n.
+
+        No host round trip on an accelerator: the terms are added on the features' device, and a fault
+        (NaN / Inf features, …) is recorded there and raised when the sums are read (on the CPU: here).
+        """
         counts = {value.shape[0] for value in (*teacher_features, *student_features)}
         if len(counts) != 1:
             raise ValueError(f"all layers of a batch must hold the same samples, got counts {sorted(counts)}")
@@ -171,39 +210,72 @@ class CKAAccumulator:
         (n,) = counts
         if n < 4 and self.debiased:
             raise ValueError(f"a batch of {n} samples is too small: the unbiased HSIC needs at least 4")
-        teacher_grams, teacher_traces, teacher_dtypes = self._centred_grams(teacher_features, "teacher",
-                                                                            self.teacher_layers)
-        student_grams, student_traces, student_dtypes = self._centred_grams(student_features, "student",
-                                                                            self.student_layers)
-        scale = hsic_scale(n, unbiased=self.debiased)
-        # all L_teacher × L_student cross terms in one matrix product
-        self.cross += (scale * teacher_grams @ student_grams.T).cpu()
-        for grams, traces, dtypes, sums, floors in (
-            (teacher_grams, teacher_traces, teacher_dtypes, self.teacher_self, self.teacher_floor),
-            (student_grams, student_traces, student_dtypes, self.student_self, self.student_floor),
-        ):
-            self_terms, traces = torch.stack([scale * grams.square().sum(dim=1), traces]).cpu()  # one transfer
-            sums += self_terms
-            floors += scale * torch.stack([zero_floor(t, d) for t, d in zip(traces, dtypes)])
+        self._place(teacher_features[0].device)
+        teacher, student = self._side(teacher_features), self._side(student_features)
+        faults = torch.cat([teacher.faults, student.faults], dim=1)
+        exponents = torch.cat([teacher.exponents, student.exponents])
+        if self._sums.device.type in EAGER_DEVICES:
+            if bool(faults.any()):  # a memory read on the CPU, not a device sync
+                self._raise(self._recorded(torch.full_like(self._faults, _NO_FAULT), faults, exponents))
+        else:
+            self._faults = self._recorded(self._faults, faults, exponents)
+        self._add(teacher, student, hsic_scale(n, unbiased=self.debiased))
         self.n_samples += n
         self.n_batches += 1
+
+    def _recorded(self, record: torch.Tensor, faults: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
+        """``record`` with this batch's faults added where a layer had none of that kind yet (on the device)."""
+        first = torch.where((record[:3] == _NO_FAULT) & faults, self.n_samples, record[:3])
+        exponent = torch.where((record[1] == _NO_FAULT) & faults[1], exponents, record[3])
+        return torch.cat([first, exponent[None]])
+
+    def _add(self, teacher: _Side, student: _Side, scale: float) -> None:
+        """Add the batch's terms, each power of two and the HSIC scale folded in after the products."""
+        # all L_teacher × L_student cross terms in one matrix product of the unscaled Grams
+        cross = teacher.grams @ student.grams.T
+        self.cross += cross.mul_(torch.outer(teacher.factors, student.factors)).mul_(scale)
+        for side, sums, floors in ((teacher, self.teacher_self, self.teacher_floor),
+                                   (student, self.student_self, self.student_floor)):
+            sums += _self_terms(side.grams).mul_(side.factors.square()).mul_(scale)
+            floors += side.floors * scale
+
+    def _raise(self, record: torch.Tensor) -> None:
+        """Raise the earliest recorded fault (batch, then layer, teacher first, then kind), if any: one read."""
+        rows = record.tolist()
+        layers = [*(("teacher", name) for name in self.teacher_layers),
+                  *(("student", name) for name in self.student_layers)]
+        found = [(rows[kind][layer], layer, kind) for kind in range(3) for layer in range(len(layers))
+                 if rows[kind][layer] != _NO_FAULT]
+        if not found:
+            return
+        sample, layer, kind = min(found)
+        role, name = layers[layer]
+        if kind == 0:
+            raise FloatingPointError(
+                f"{role} layer {name!r} produced NaN or Inf in the batch starting at sample {sample}")
+        if kind == 1:
+            raise ValueError(
+                f"{role} layer {name!r} has float64 features of magnitude about 2**{rows[3][layer]} in the batch "
+                f"starting at sample {sample}: beyond 2**±{MAX_EXPONENT}, the HSIC sums leave float64's "
+                "range. CKA is scale-invariant: divide the layer's features by a constant (e.g. their max)"
+            )
+        raise ValueError(ZERO_BANDWIDTH)
 
     def merge(self, other: CKAAccumulator) -> CKAAccumulator:
         """Add another accumulator's sums into this one; returns self.
 
         Both must have the same teacher and student layer names (in order), kernel, debiasing and — for
-        the RBF kernel — threshold and sigma; otherwise a ``ValueError`` names what differs.
+        the RBF kernel — threshold and sigma; otherwise a ``ValueError`` names what differs. A fault either
+        recorded (NaN / Inf features, …) is raised first.
         """
         mine, theirs = self.settings(), other.settings()
         differ = [key for key in mine if mine[key] != theirs.get(key)]
         if differ:
             details = "; ".join(f"{key}: {mine[key]!r} here, {theirs.get(key)!r} in the other" for key in differ)
             raise ValueError(f"can only merge accumulators over the same layers and kernel settings: {details}")
-        self.cross += other.cross
-        self.teacher_self += other.teacher_self
-        self.student_self += other.student_self
-        self.teacher_floor += other.teacher_floor
-        self.student_floor += other.student_floor
+        self._raise(self._faults)
+        other._raise(other._faults)
+        self._sums += other._sums.to(self._sums.device)
         self.n_samples += other.n_samples
         self.n_batches += other.n_batches
         return self
@@ -212,40 +284,52 @@ class CKAAccumulator:
         """Sum the statistics over all ranks of an initialised ``torch.distributed`` process group."""
         import torch.distributed as dist
 
-        parts = [self.cross, self.teacher_self, self.student_self, self.teacher_floor, self.student_floor]
+        self._raise(self._faults)
         counts = torch.tensor([self.n_samples, self.n_batches], dtype=torch.float64)
-        flat = torch.cat([*(part.flatten() for part in parts), counts])
+        flat = torch.cat([self._sums.cpu(), counts])
         if dist.get_backend(group) == "nccl":
             flat = flat.cuda()
         dist.all_reduce(flat, group=group)
         flat = flat.cpu()
-        start = 0
-        for part in parts:
-            part.copy_(flat[start : start + part.numel()].reshape(part.shape))
-            start += part.numel()
+        self._sums.copy_(flat[:-2])
         self.n_samples, self.n_batches = (int(value) for value in flat[-2:].tolist())
 
-    def _dead(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.teacher_self <= self.teacher_floor, self.student_self <= self.student_floor
+    def _host_sums(self) -> tuple[torch.Tensor, ...]:
+        """``(cross, teacher_self, student_self, teacher_floor, student_floor)`` on the host, in one transfer,
+        after raising any recorded fault."""
+        self._raise(self._faults)
+        teacher, student = len(self.teacher_layers), len(self.student_layers)
+        cross, *rest = self._sums.cpu().split([teacher * student, teacher, student, teacher, student])
+        return (cross.view(teacher, student), *rest)
+
+    @staticmethod
+    def _dead(sums: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        _, teacher_self, student_self, teacher_floor, student_floor = sums
+        return teacher_self <= teacher_floor, student_self <= student_floor
+
+    def _dead_names(self, sums: tuple[torch.Tensor, ...]) -> tuple[list[str], list[str]]:
+        return tuple(
+            [name for name, dead in zip(names, flags.tolist()) if dead]
+            for names, flags in zip((self.teacher_layers, self.student_layers), self._dead(sums))
+        )
 
     def dead_layers(self) -> tuple[list[str], list[str]]:
         """``(teacher, student)`` names of the layers whose (U-)centred Gram is zero up to rounding so far."""
-        return tuple(
-            [name for name, dead in zip(names, flags.tolist()) if dead]
-            for names, flags in zip((self.teacher_layers, self.student_layers), self._dead())
-        )
+        return self._dead_names(self._host_sums())
 
     def values(self) -> np.ndarray:
         """The ``[n_teacher, n_student]`` CKA matrix from the sums so far; NaN rows / columns for dead
-        layers, with one warning per dead layer naming it."""
+        layers, with one warning per dead layer naming it. A recorded fault is raised here."""
         if self.n_batches == 0:
             raise ValueError("no batch has been added yet")
-        norm = torch.sqrt(torch.outer(self.teacher_self, self.student_self))
-        values = (self.cross / norm).numpy()
-        dead_teacher, dead_student = self._dead()
+        sums = self._host_sums()
+        cross, teacher_self, student_self = sums[:3]
+        norm = torch.sqrt(torch.outer(teacher_self, student_self))
+        values = (cross / norm).numpy()
+        dead_teacher, dead_student = self._dead(sums)
         values[dead_teacher.numpy(), :] = np.nan
         values[:, dead_student.numpy()] = np.nan
-        for role, names in zip(("teacher", "student"), self.dead_layers()):
+        for role, names in zip(("teacher", "student"), self._dead_names(sums)):
             for name in names:
                 warnings.warn(
                     dead_layer_message(f"{role} layer {name!r} (over {self.n_samples:,} samples)", self.debiased),
@@ -308,7 +392,7 @@ def cka_matrix(
         teacher, student, data, teacher_layers=teacher_layers, student_layers=student_layers,
         student_data=student_data, batch_size=batch_size, n_samples=n_samples,
         min_batch=4 if debiased else 2, device=device, progress=progress, description="CKA",
-        check_finite=False,  # the accumulator checks each n×n Gram instead of every n×d feature
+        check_finite=False,  # the accumulator folds the check into its one pass over each layer
         tokens=tokens,
     )
     with closing(batches):

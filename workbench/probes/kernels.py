@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import numbers
 
-import numpy as np
 import torch
 
 KERNELS = ("linear", "rbf")
@@ -45,9 +44,22 @@ def binary_exponent(values: torch.Tensor) -> torch.Tensor:
         >>> binary_exponent(torch.tensor([0.3, -5.0])).item()
         3
     """
+    return exponent_and_finite(values)[0]
+
+
+def exponent_and_finite(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(e, finite)``: :func:`binary_exponent` and a 0-dim bool, False when any value is NaN or ±Inf, from
+    one pass over the values and without a host sync (NaN propagates through the min / max).
+
+    Example:
+        >>> import torch
+        >>> [flag.item() for _, flag in map(exponent_and_finite, (torch.ones(3), torch.tensor([1.0, torch.nan])))]
+        [True, False]
+    """
     bound = _EXPONENT_BOUND.get(values.dtype, _DEFAULT_BOUND)
     low, high = torch.aminmax(values.detach())  # one pass, no |values| copy
-    return torch.frexp(torch.maximum(high, -low)).exponent.clamp(-bound, bound)
+    exponent = torch.frexp(torch.maximum(high, -low)).exponent.clamp(-bound, bound)
+    return exponent, torch.isfinite(low) & torch.isfinite(high)
 
 
 def unit_scaled(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,18 +112,79 @@ def scaled_centred_gram(features: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
         >>> f"{gram[0, 0].item() * 4.0 ** exponent.item():.4g}"  # (1e-30)², beyond float32's range
         '1e-60'
     """
+    gram, exponent, _ = checked_centred_gram(features)
+    return gram, exponent
+
+
+def checked_centred_gram(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(G, e, finite)``: :func:`scaled_centred_gram` and a 0-dim bool, False when a feature is NaN or ±Inf,
+    all computed on the features' device with no host sync (the streaming probes read the flag later).
+
+    A float32 column whose sum overflows (features near float32's maximum) is left uncentred here: its
+    offset cancels exactly in the later (U-)centring of the Gram, and the scaled product cannot overflow.
+
+    Example:
+        >>> import torch
+        >>> gram, exponent, finite = checked_centred_gram(torch.tensor([[1.0], [3.0]]))
+        >>> gram.tolist(), exponent.item(), finite.item()
+        ([[0.0625, -0.0625], [-0.0625, 0.0625]], 2, True)
+    """
     if not features.is_floating_point():
         centred, exponent = unit_scaled(centred_features(features))
         centred = centred.float()  # exact centring done; the product runs at float32 speed
-        return centred @ centred.T, exponent
+        return gram_product(centred), exponent, torch.ones((), dtype=torch.bool, device=features.device)
     if features.dtype in (torch.float16, torch.bfloat16):
         features = features.float()
     # the exponent of the raw values bounds the centred ones (|x − x̄| ≤ 2 max|x|); (x − x̄)·2**-e in one
     # fused pass has the same digits as the plain centring, so this costs one pass more than no scaling
-    exponent = binary_exponent(features)
+    exponent, finite = exponent_and_finite(features)
     scale = _power_of_two(-exponent, features.dtype)
-    centred = torch.addcmul(features.mean(dim=0, keepdim=True) * -scale, features, scale)
-    return centred @ centred.T, exponent
+    shift = features.mean(dim=0, keepdim=True) * -scale
+    shift = torch.where(torch.isfinite(shift), shift, 0.0)
+    centred = torch.addcmul(shift, features, scale)
+    return gram_product(centred), exponent, finite
+
+
+SYMMETRIC_MIN_SAMPLES = 512
+SYMMETRIC_MIN_WIDTH_RATIO = 8
+""":func:`gram_product` computes only the upper block triangle of a 2 × 2 split (3/4 of the MACs) when
+n ≥ ``SYMMETRIC_MIN_SAMPLES`` and d ≥ ``SYMMETRIC_MIN_WIDTH_RATIO · n``: the shapes where it measured faster
+than the full BLAS product (2-core CPU, float32; see reports/results/cka_benchmark.md). Smaller products
+lose more to the three smaller calls than the quarter of the MACs saves."""
+
+
+def uses_symmetric_product(n: int, d: int) -> bool:
+    """Whether :func:`gram_product` takes the blocked symmetric route for ``[n, d]`` features (by shape only).
+
+    Example:
+        >>> uses_symmetric_product(200, 32768), uses_symmetric_product(1024, 32768)
+        (False, True)
+    """
+    return n >= SYMMETRIC_MIN_SAMPLES and d >= SYMMETRIC_MIN_WIDTH_RATIO * n
+
+
+def gram_product(features: torch.Tensor) -> torch.Tensor:
+    """``X Xᵀ`` of ``[n, d]`` features; on the blocked route (:func:`uses_symmetric_product`) the off-diagonal
+    block is computed once and mirrored.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(512, 4096, dtype=torch.float64)
+        >>> torch.allclose(gram_product(x), x @ x.T, rtol=1e-12, atol=1e-9)
+        True
+    """
+    n, d = features.shape
+    if not uses_symmetric_product(n, d):
+        return features @ features.T
+    half = (n + 1) // 2
+    top, bottom = features[:half], features[half:]
+    gram = features.new_empty(n, n)
+    gram[:half, :half] = top @ top.T
+    gram[half:, half:] = bottom @ bottom.T
+    corner = top @ bottom.T
+    gram[:half, half:] = corner
+    gram[half:, :half] = corner.T
+    return gram
 
 
 def centred_gram(features: torch.Tensor) -> torch.Tensor:
@@ -185,16 +258,50 @@ def rbf_from_gram(gram: torch.Tensor, threshold: float = 0.5, sigma: float | Non
                 [0.3679, 1.0000]])
     """
     check_rbf_settings(threshold, sigma)
+    kernel, bandwidth_ok = rbf_kernel(gram, threshold, sigma)
+    if not bandwidth_ok:
+        raise ValueError(ZERO_BANDWIDTH)
+    return kernel
+
+
+ZERO_BANDWIDTH = "the RBF bandwidth is zero: more than half of the pairwise distances are 0"
+
+
+def rbf_kernel(gram: torch.Tensor, threshold: float, sigma: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kernel, bandwidth ok)``: :func:`rbf_from_gram` without its checks or a host sync; the 0-dim bool
+    is False when the median bandwidth is not positive (the kernel is then not a number to use).
+
+    Example:
+        >>> import torch
+        >>> kernel, ok = rbf_kernel(torch.zeros(3, 3), threshold=0.5, sigma=None)
+        >>> ok.item()
+        False
+    """
     diagonal = torch.diagonal(gram)
     squared_distances = (diagonal[:, None] + diagonal[None, :] - 2 * gram).clamp_min(0)
     if sigma is None:
-        median = float(np.median(squared_distances.detach().cpu().double().numpy()))
-        if median <= 0:
-            raise ValueError("the RBF bandwidth is zero: more than half of the pairwise distances are 0")
-        variance = threshold**2 * median
+        median = averaged_median(squared_distances.detach().double())
+        variance, bandwidth_ok = threshold**2 * median, median > 0
     else:
-        variance = sigma**2
-    return torch.exp(-squared_distances / (2 * variance))
+        variance, bandwidth_ok = sigma**2, torch.ones((), dtype=torch.bool, device=gram.device)
+    return torch.exp(-squared_distances / (2 * variance)), bandwidth_ok
+
+
+def averaged_median(values: torch.Tensor) -> torch.Tensor:
+    """numpy's median of all the values, on their device (no host sync): for an even count, the mean of
+    the two middle values (``torch.median`` gives the lower one).
+
+    Example:
+        >>> import torch
+        >>> [averaged_median(torch.tensor(values)).item() for values in ([4.0, 1.0, 3.0, 2.0], [3.0, 1.0, 2.0])]
+        [2.5, 2.0]
+    """
+    flat = values.flatten()
+    count = flat.numel()
+    lower = torch.kthvalue(flat, (count + 1) // 2).values
+    if count % 2:
+        return lower
+    return (lower + torch.kthvalue(flat, count // 2 + 1).values) / 2
 
 
 def centre_gram(gram: torch.Tensor, unbiased: bool, inplace: bool = False) -> torch.Tensor:
