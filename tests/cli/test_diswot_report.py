@@ -6,16 +6,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 
-import nbformat
 import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
 
 from fake_runner import executor  # noqa: F401 (a fixture)
+from report_cli import run_report_cli
 
 from workbench import cli, reports
 from workbench.probes.student_search import Candidate, SearchResult
@@ -247,21 +245,9 @@ def _mean(cell: str) -> float:
 @pytest.mark.slow
 def test_diswot_report_runs_end_to_end_and_its_numbers_recompute(tmp_path):
     table = tmp_path / "diswot.md"
-    env = {**os.environ, "KD_WORKBENCH_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "workbench.cli", "report", "diswot", *TINY, "-p", f"results={table}",
-         "--output-dir", str(tmp_path / "out")],
-        capture_output=True, text=True, env=env, timeout=240,
-    )
-    assert done.returncode == 0, done.stderr
-    (run_dir,) = (tmp_path / "out" / "diswot").iterdir()
-    nb = nbformat.read(str(run_dir / "report.ipynb"), as_version=4)
-    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
-    assert not [o for o in outputs if o.output_type == "error"]
-    box = next(cell for cell in nb.cells if cell.get("id") == "sanity-box").outputs[0].data["text/markdown"]
-    assert box.startswith("**Sanity checks")
-    mimes = {mime for o in outputs for mime in o.get("data", {})}
-    assert "application/vnd.plotly.v1+json" in mimes
+    run = run_report_cli("diswot", [*TINY, "-p", f"results={table}"], tmp_path, timeout=240)
+    assert run.box.startswith("**Sanity checks")
+    assert "application/vnd.plotly.v1+json" in run.mimes
     written = table.read_text()
     assert "kd-workbench report diswot" in written and "-p dataset=digits" in written
     assert not list(tmp_path.glob("*.tmp*")) and [p.name for p in tmp_path.glob("diswot*")] == ["diswot.md"]

@@ -4,17 +4,14 @@ papermill (slow)."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 
-import nbformat
 import numpy as np
 import pandas as pd
 import pytest
 
 from fake_runner import executor  # noqa: F401 (a fixture)
+from report_cli import run_report_cli
 
 from workbench import cli, reports
 from workbench.probes import BranchAccuracy
@@ -148,21 +145,10 @@ def _row(text: str, label: str) -> list[str]:
 @pytest.mark.slow
 def test_ofa_report_runs_end_to_end(tmp_path):
     table = tmp_path / "ofa.md"
-    env = {**os.environ, "KD_WORKBENCH_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "workbench.cli", "report", "ofa", *TINY, "-p", f"results={table}",
-         "--output-dir", str(tmp_path / "out")],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
-    (run_dir,) = (tmp_path / "out" / "ofa").iterdir()
-    nb = nbformat.read(str(run_dir / "report.ipynb"), as_version=4)
-    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
-    assert not [o for o in outputs if o.output_type == "error"]
-    box = next(cell for cell in nb.cells if cell.get("id") == "sanity-box").outputs[0].data["text/markdown"]
+    run = run_report_cli("ofa", [*TINY, "-p", f"results={table}"], tmp_path, timeout=300)
+    run_dir, box, mimes = run.run_dir, run.box, run.mimes
     assert box.startswith("**vit → cnn** — **Sanity checks: ") and "**cnn_small → mixer** — " in box
     assert "- **method `ofa`**: trained a single epoch" in box
-    mimes = {mime for o in outputs for mime in o.get("data", {})}
     assert "image/png" in mimes
     assert "<td>ofa (<em>not converged</em>)" in (run_dir / "report.html").read_text(encoding="utf-8")
     written = table.read_text()
