@@ -203,9 +203,7 @@ def _gram_distance(teacher: torch.Tensor, student: torch.Tensor) -> float:
 
 
 def _released_distance(teacher: torch.Tensor | None, student: torch.Tensor | None) -> float:
-    if teacher is None or student is None:
-        return math.nan
-    if teacher.shape != student.shape:
+    if teacher is None or student is None or teacher.shape != student.shape:  # other classifier widths
         return math.nan
     classes, channels = teacher.shape[:2]
     return float(((teacher - student) ** 2).sum() / (classes * channels))
@@ -381,7 +379,6 @@ def search(teacher: nn.Module, candidates: Any, data: Any, *, budget: int | None
     n_samples = sum(len(batch[0]) for batch in data_batches)
     teacher_copy = _prepared(teacher, device, not trained_teacher, seed)
     teacher_signatures = _signatures(teacher_copy, data_batches, "last")
-    teacher_width = classifier_of(teacher).in_features
     rows: list[dict[str, Any]] = []
     skipped = 0
     total = budget if evolve else (len(space) if budget is None else min(budget, len(space)))
@@ -402,8 +399,6 @@ def search(teacher: nn.Module, candidates: Any, data: Any, *, budget: int | None
             _require_released(teacher, model, candidate.label)
         student = _prepared(model, device, True, seed)
         terms = _terms(teacher_signatures, _signatures(student, data_batches, "last"), semantic, n_samples)
-        if classifier_of(model).in_features != teacher_width:
-            terms.semantic_released = math.nan
         row = {"candidate": candidate.to_json(), "label": candidate.label, "family": candidate.family, **size,
                "score": terms.score, **{name: getattr(terms, name) for name in TERMS}}
         for name in baselines:
