@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -20,3 +21,18 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     return torch.device(device)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model`` lives: the device of its first parameter (else its first buffer), the CPU for a model
+    that holds neither.
+
+    Example:
+        >>> from torch import nn
+        >>> model_device(nn.Linear(2, 3)), model_device(nn.ReLU())
+        (device(type='cpu'), device(type='cpu'))
+    """
+    tensor = next(iter(model.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")

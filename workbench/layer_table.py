@@ -16,6 +16,7 @@ from torch import nn
 from workbench.batches import inputs_of, n_samples_of, run_model, take, to_device
 from workbench.capture import capture, layer_names, stage_names
 from workbench.data import as_loader
+from workbench.devices import model_device
 from workbench.probes.stream import eval_mode
 
 __all__ = ["LAYER_TABLE_COLUMNS", "first_sample", "layer_table"]
@@ -40,16 +41,9 @@ def first_sample(data: Any) -> Any:
     return take(inputs_of(batch), 1)
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    tensor = next(iter(model.parameters()), None)
-    if tensor is None:
-        tensor = next(iter(model.buffers()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
-
-
 def _output_shapes(model: nn.Module, names: list[str], example: Any) -> dict[str, tuple[int, ...]]:
     """Each layer's output shape per sample (the batch dimension dropped) in one forward of ``example``."""
-    inputs = to_device(inputs_of(example), _device_of(model))
+    inputs = to_device(inputs_of(example), model_device(model))
     if n_samples_of(inputs) < 1:
         raise ValueError("the example batch holds no samples: pass at least one (e.g. x[:1])")
     # a module called twice in one forward (a shared activation) keeps its last call, silently

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from workbench.batches import inputs_of, logits_of, run_model, targets_of
 from workbench.capture import layer_names, stage_names
 from workbench.data import as_loader
+from workbench.devices import model_device
 from workbench.probes.result_io import JsonResult, check_array, check_float, check_text
 from workbench.probes.stream import eval_mode
 
@@ -423,10 +424,6 @@ def _grid(size: Any, x: torch.Tensor) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------- the models
-def _device_of(model: nn.Module) -> torch.device:
-    return next((parameter.device for parameter in model.parameters()), torch.device("cpu"))
-
-
 @contextmanager
 def _not_inplace(models: Sequence[nn.Module]) -> Iterator[None]:
     """Every ``inplace=True`` flag of the models off (in-place ReLUs break captum's hooks), gradients on;
@@ -446,7 +443,7 @@ def _not_inplace(models: Sequence[nn.Module]) -> Iterator[None]:
 def _prepared(models: Sequence[nn.Module], device: torch.device) -> Iterator[None]:
     """The models on ``device``, in eval mode, without in-place ops, gradients on; their devices, modes and
     flags come back, also on an error."""
-    devices = [_device_of(model) for model in models]
+    devices = [model_device(model) for model in models]
     try:
         for model in models:
             model.to(device)
@@ -593,7 +590,7 @@ def compare(
     else:
         layers = {"teacher": "input", "student": "input"}
     models = {"teacher": teacher, "student": student}
-    target_device = _device_of(teacher) if device is None else torch.device(device)
+    target_device = model_device(teacher) if device is None else torch.device(device)
     x, labels = _samples(data, n_samples)
     grid = _grid(size, x)
     maps: dict[str, np.ndarray] = {}

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from workbench.devices import resolve_device
+from workbench.devices import model_device, resolve_device
 from workbench.probes.diversity import frechet_distance, pairwise_cosine_distance, pairwise_distance
 from workbench.probes.stream import eval_mode
 from workbench.probes.result_io import (
@@ -258,10 +258,7 @@ def _generator(seed: int | torch.Generator) -> torch.Generator:
 
 
 def _model_device(model: nn.Module, device) -> torch.device:
-    if device is not None:
-        return resolve_device(device)
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
+    return resolve_device(device) if device is not None else model_device(model)
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:

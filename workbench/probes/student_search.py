@@ -29,6 +29,8 @@ from workbench.probes.result_io import NON_FINITE, JsonResult, check_int, check_
 __all__ = ["Candidate", "SearchSpace", "SearchResult", "parse_candidates", "exhaustive", "aging_evolution",
            "rank_agreement"]
 
+CANDIDATE_KEYS = ("name", "kwargs", "family")
+"""The keys of a candidate dict: a model name, its keyword arguments, a family (optional)."""
 Score = Callable[["Candidate"], "Mapping[str, float] | None"]
 """Scores one candidate: its row (numbers by name, ``"score"`` among them), or None when it is refused."""
 
@@ -103,17 +105,23 @@ class Candidate:
         if isinstance(record, str):
             return cls(record)
         if isinstance(record, Mapping):
-            unknown = sorted(set(record) - {"name", "kwargs", "family"})
+            unknown = [key for key in record if key not in CANDIDATE_KEYS]
             if unknown or "name" not in record:
-                raise ValueError(f"a candidate dict holds 'name' and optionally 'kwargs' and 'family'; got keys "
-                                 f"{sorted(record)}")
-            return cls(record["name"], dict(record.get("kwargs") or {}), record.get("family") or "")
+                found = f"unknown key {unknown[0]!r}" if unknown else "no 'name'"
+                raise ValueError(f"{found}; a candidate has the keys {', '.join(map(repr, CANDIDATE_KEYS))} "
+                                 "('name' required)")
+            kwargs = record.get("kwargs") or {}
+            if not isinstance(kwargs, Mapping):
+                raise TypeError(f"candidate {record['name']!r}: kwargs must be a dict of model arguments, got "
+                                f"{kwargs!r}")
+            return cls(record["name"], dict(kwargs), record.get("family") or "")
         raise TypeError(f"a candidate is a model name, a dict {{'name': ..., 'kwargs': {{...}}}} or a Candidate; got "
                         f"{type(record).__name__}")
 
 
 def parse_candidates(items: Any) -> list[Candidate]:
-    """A list of distinct candidates from names, dicts and :class:`Candidate`\\ s.
+    """A list of distinct candidates from names, dicts and :class:`Candidate`\\ s; an item that is not one says
+    its position (``candidate 2: ...``).
 
     Example:
         >>> [c.label for c in parse_candidates(["mlp", {"name": "cnn", "kwargs": {"widths": [8]}}])]
@@ -122,7 +130,12 @@ def parse_candidates(items: Any) -> list[Candidate]:
     if isinstance(items, (str, Mapping, Candidate)) or not isinstance(items, Sequence):
         raise TypeError(f"candidates must be a list (of names, dicts or Candidates) or a SearchSpace, got "
                         f"{type(items).__name__}")
-    candidates = [Candidate.from_json(item) for item in items]
+    candidates = []
+    for number, item in enumerate(items, 1):
+        try:
+            candidates.append(Candidate.from_json(item))
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"candidate {number}: {error}") from None
     if not candidates:
         raise ValueError("no candidates: give at least one model spec, e.g. [{'name': 'cnn', 'kwargs': "
                          "{'widths': [8, 16]}}]")

@@ -55,8 +55,6 @@ MLP-Mixers and an MLP, from 1,442 to 89,498 parameters — all smaller than the 
 RESERVED_KWARGS = ("num_classes", "in_chans", "img_size")
 """Model arguments the report sets itself (from the dataset and its 1×32×32 images): not candidate kwargs."""
 
-CANDIDATE_KEYS = ("name", "kwargs", "family")
-
 
 def parse_candidates(value: Any) -> list[Any]:
     """The report's ``candidates`` parameter as :class:`~workbench.probes.student_search.Candidate`\\ s
@@ -81,23 +79,16 @@ def parse_candidates(value: Any) -> list[Any]:
     for number, item in enumerate(value, 1):
         if not isinstance(item, dict):
             raise ValueError(f'candidate {number} is not a dict: write {{"name": "cnn", "kwargs": {{"widths": [8, 16]}}}}')
-        unknown = [key for key in item if key not in CANDIDATE_KEYS]
-        if unknown:
-            raise ValueError(f"candidate {number}: unknown key {unknown[0]!r}; a candidate has the keys "
-                             f"{', '.join(CANDIDATE_KEYS)}")
-        if not isinstance(item.get("name"), str):
-            raise ValueError(f"candidate {number}: 'name' must be a model name (text), got {item.get('name')!r}")
-        kwargs = item.get("kwargs", {})
-        if not isinstance(kwargs, dict):
-            raise ValueError(f"candidate {number} ({item['name']}): 'kwargs' must be a dict of model arguments")
-        reserved = [key for key in kwargs if key in RESERVED_KWARGS]
-        if reserved:
-            raise ValueError(f"candidate {number} ({item['name']}): {reserved[0]!r} is set by the report from the "
-                             f"dataset and its 1×32×32 images; leave it out")
     try:
-        return engine_parse(value)
-    except TypeError as error:  # e.g. a dict among a kwarg's values
+        candidates = engine_parse(value)
+    except TypeError as error:  # e.g. a name that is not text, a dict among a kwarg's values
         raise ValueError(str(error)) from None
+    for number, candidate in enumerate(candidates, 1):
+        reserved = [key for key in candidate.kwargs if key in RESERVED_KWARGS]
+        if reserved:
+            raise ValueError(f"candidate {number} ({candidate.label}): {reserved[0]!r} is set by the report from "
+                             "the dataset and its 1×32×32 images; leave it out")
+    return candidates
 
 
 def search_specs(candidates: Sequence[Any], dataset: str) -> list[dict[str, Any]]:
