@@ -6,9 +6,10 @@ Example:
     'GapExplorer'
 """
 from widgets.attribution_compare import AttributionCompare
+from widgets.dt_viewer import DTViewer
 from widgets.gap_explorer import GapExplorer
 from widgets.ofa_explorer import OFAExplorer
 from widgets.student_search import StudentSearch
 from widgets.training_monitor import TrainingMonitor
 
-__all__ = ["AttributionCompare", "GapExplorer", "OFAExplorer", "StudentSearch", "TrainingMonitor"]
+__all__ = ["AttributionCompare", "DTViewer", "GapExplorer", "OFAExplorer", "StudentSearch", "TrainingMonitor"]

@@ -136,7 +136,7 @@ def test_the_notebooks_check_cell_stops_a_bad_value_before_training(tmp_path, mo
     run_report's pre-check, the notebook fails in that cell, and nothing after it ran."""
     monkeypatch.setenv("KD_WORKBENCH_CACHE", str(tmp_path / "cache"))
     output = tmp_path / "out.ipynb"
-    bad = {"gap": {"kernel": "cosine"}, "distill": {"lr": 0.0}, "ofa": {"lr": 0.0}, "diswot": {"lr": 0.0}}[report]
+    bad = {"gap": {"kernel": "cosine"}, "distill": {"lr": 0.0}, "ofa": {"lr": 0.0}, "diswot": {"lr": 0.0}, "dt": {"epochs": 0}}[report]
     with pytest.raises(Exception, match="ParameterError") as failure:
         execute_notebook(reports.REPORTS[report].notebook, output, bad)
     assert "check_notebook" in str(getattr(failure.value, "source", failure.value))

@@ -50,8 +50,8 @@ print(f"next cell: {{len(history)}} of {TOTAL_STEPS} steps, mark {{mark}}")""",
 STATUS = "document.querySelector('.kd-training-monitor .kd-training-status').textContent"
 LEGEND = "[...document.querySelectorAll('.kd-training-monitor .legend text')].map(text => text.textContent)"
 # every element of the monitor against the output area that holds it: [widest element, its overhang in px]
-OVERHANG = """() => {
-    const monitor = document.querySelector('.kd-training-monitor');
+OVERHANG = """selector => {
+    const monitor = document.querySelector(selector);
     const cell = monitor.closest('.jp-OutputArea-output').getBoundingClientRect();
     let worst = ['', -1e9];
     for (const element of [monitor, ...monitor.querySelectorAll('*')]) {
@@ -64,13 +64,13 @@ OVERHANG = """() => {
 }"""
 
 
-def assert_fits_the_cell(page):
+def assert_fits_the_cell(page, selector=".kd-training-monitor"):
     # plotly sizes a figure after it renders: give the layout a moment to settle, then measure
     try:
-        page.wait_for_function(f"() => ({OVERHANG})()[1] <= 1", timeout=10_000)
+        page.wait_for_function(f"selector => ({OVERHANG})(selector)[1] <= 1", arg=selector, timeout=10_000)
     except Exception:  # noqa: BLE001 - the assertion below says what is too wide
         pass
-    element, overhang, cell_width = page.evaluate(OVERHANG)
+    element, overhang, cell_width = page.evaluate(OVERHANG, selector)
     assert overhang <= 1, f"{element} is {overhang:.0f} px wider than the {cell_width:.0f} px cell"
     return cell_width
 

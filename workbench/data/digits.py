@@ -25,11 +25,12 @@ def digits(
     channels: int = 1,
     test_fraction: float = 0.25,
     seed: int = 0,
+    normalise: bool = True,
 ) -> TensorDataset:
     """The 1,797 scikit-learn digits as ``(x, y)``: x float32 ``[n, channels, size, size]``, y int64.
 
     Images are resized bilinearly from 8x8, repeated over ``channels`` and normalised with the mean
-    and std of the *train* split; the split is stratified and fixed by ``seed`` (``split`` is
+    and std of the *train* split (``normalise=False``: the raw intensities 0 … 16, resized); the split is stratified and fixed by ``seed`` (``split`` is
     ``"train"``, ``"test"`` or ``"all"``).
 
     Example:
@@ -38,4 +39,4 @@ def digits(
         >>> tuple(x.shape), y.dtype
         ((450, 1, 32, 32), torch.int64)
     """
-    return split_images(*_raw_digits(), split, size, channels, test_fraction, seed)
+    return split_images(*_raw_digits(), split, size, channels, test_fraction, seed, normalise)

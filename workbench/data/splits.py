@@ -19,12 +19,14 @@ def split_images(
     channels: int = 1,
     test_fraction: float = 0.25,
     seed: int = 0,
+    normalise: bool = True,
 ) -> TensorDataset:
     """``images`` ``[n, h, w]`` and ``labels`` ``[n]`` as ``(x, y)``: x float32 ``[m, channels, size, size]``.
 
     The split is stratified by label and fixed by ``seed`` (scikit-learn's ``train_test_split``);
     images are resized bilinearly when ``size`` differs, normalised with the mean and std of the
-    *train* split, and repeated over ``channels``. ``split`` is ``"train"``, ``"test"`` or ``"all"``.
+    *train* split (unless ``normalise=False``: the resized values as they are), and repeated over
+    ``channels``. ``split`` is ``"train"``, ``"test"`` or ``"all"``.
 
     Example:
         >>> import numpy as np
@@ -48,8 +50,8 @@ def split_images(
     if size != x.shape[-1]:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     train_x = x[torch.from_numpy(train_index)]
-    mean, std = train_x.mean(), train_x.std()
-    x = (x - mean) / std
+    if normalise:
+        x = (x - train_x.mean()) / train_x.std()
     index = {"train": train_index, "test": test_index, "all": np.arange(len(labels))}[split]
     index_tensor = torch.from_numpy(np.asarray(index))
     x = x[index_tensor].expand(-1, channels, -1, -1).contiguous()

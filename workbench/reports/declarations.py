@@ -82,6 +82,21 @@ def _diswot_rules() -> dict[str, Rule]:
     return {"candidates": candidates_rule()}
 
 
+def _dt_rules() -> dict[str, Rule]:
+    """The ``dt`` report's diffusion settings, checked as the model family checks them (workbench.reports.dt_diversity)."""
+    from workbench.reports.dt_diversity import config_rule, guidance_rule, switch_rule
+
+    return {
+        "size": config_rule("size", "int >= 2 (8: the digits' own size)", "8"),
+        "widths": config_rule("widths", "list of channel counts, multiples of 8", "[32, 64]"),
+        "base_steps": config_rule("base_steps", "a power of two dividing 1024, more than student_steps", "32"),
+        "student_steps": config_rule("student_steps", "a power of two dividing 1024", "4"),
+        "switch_after": switch_rule(),
+        "guidance": guidance_rule(),
+        "hybrid_guidance": guidance_rule(),
+    }
+
+
 _MODELS = {"teacher": ("teacher", "teacher_kwargs"), "student": ("student", "student_kwargs")}
 _SHARED = {
     "teacher": model_name("teacher"),
@@ -160,6 +175,18 @@ DECLARATIONS: dict[str, Declaration] = {
         "results": output_file("diswot"),
         "overwrite_results": flag(),
     }, {"teacher": ("teacher", "teacher_kwargs")}),
+    "dt": Declaration({
+        "model_source": choice(("digits",), "the tiny offline digits DDPM family, workbench.train.diffusion"),
+        **_dt_rules(),
+        "epochs": integer(1, example=150, what="the base DDPM's training epochs"),
+        "distill_iterations": integer(1, example=400, what="steps of each progressive-distillation round"),
+        "seeds_per_class": integer(2, example=20, what="diversity is within a class: at least 2"),
+        "seed": integer(0, example=0),
+        "device": _SHARED["device"],
+        "threads": integer(0, example=1, what="0: torch's default"),
+        "results": output_file("dt"),
+        "overwrite_results": flag(),
+    }),
 }
 
 

@@ -88,6 +88,15 @@ REPORTS: dict[str, Report] = {
         output_files=(("results", ".md"),),
         overwrite_parameter="overwrite_results",
     ),
+    "dt": Report(
+        "dt",
+        NOTEBOOKS_DIR / "dt_visualization.ipynb",
+        "Diffusion Target visualization on a tiny digits DDPM: x̂0 at every step, base vs progressively distilled "
+        "vs hybrid (diversity distillation) vs an unguided-student control: DT strip, commitment curves, "
+        "diversity, Fréchet distance, accuracy, cost",
+        output_files=(("results", ".md"),),
+        overwrite_parameter="overwrite_results",
+    ),
 }
 
 
