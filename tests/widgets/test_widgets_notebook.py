@@ -1,7 +1,7 @@
 """notebooks/examples/widgets.ipynb runs end to end on a kernel of this interpreter (papermill, as reports
 run): no cell fails, each widget is displayed (a widget view in its cell's outputs) and the saved widget
 state holds what the widgets showed — the explorer's heatmap, the monitor's two runs, both completed, and the
-OFA explorer's branch accuracies."""
+OFA explorer's branch accuracies, the DT viewer's steps."""
 from __future__ import annotations
 
 import json
@@ -68,3 +68,12 @@ def test_widgets_notebook_runs_and_keeps_the_widget_state(tmp_path, monkeypatch)
     outcome_cell = next(cell for cell in code if cell.source.startswith("{run.name: run.outcome"))
     outcome = outcome_cell.outputs[0]["data"]["text/plain"]
     assert "'student alone': 'done'" in outcome and "'kd, T=4': 'done'" in outcome
+
+    # the DTViewer: its view, and a status line naming each variant's step
+    dt_view = next(cell for cell in code if "DTViewer(runs" in cell.source)
+    dt_id = _views(dt_view)[0]
+    assert "kd-dt-viewer" in states[dt_id]["state"]["_dom_classes"]
+    (dt_status,) = [state["state"]["value"] for state in states.values()
+                    if "kd-dt-status" in state["state"].get("_dom_classes", [])]
+    assert re.fullmatch(r"<b>base</b> step 0 of 8 \(t=\d+, model\) · <b>distilled</b> step 0 of 4 \(t=\d+, model\) · "
+                        r"<b>hybrid</b> step 0 of 4 \(t=\d+, base\)", dt_status), dt_status
