@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from machine import cpu_model
+from machine import cpu_model, save_outputs
 
 LAYERS = [f"blocks.{index}" for index in range(6)] + ["pool", "head"]
 # distribution name -> (what its W1 run calls, the estimator it implements, read from its source)
@@ -839,15 +839,7 @@ def main(argv: list[str] | None = None) -> int:
     peers = [] if args.no_peers else installed_peers()
     results = measure(config, peers, log=lambda text: print(text, file=sys.stderr, flush=True))
     results["command"] = shlex.join(["python", "benchmarks/cka_matrix.py", *argv])
-    if args.json:  # first, so that the raw numbers survive a failure to render them
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=1)
-    text = render_markdown(results)
-    print(text)
-    if args.markdown:
-        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
-        with open(args.markdown, "w") as handle:
-            handle.write(text)
+    print(save_outputs(results, render_markdown, json_path=args.json, markdown_path=args.markdown))
     return 0
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import shlex
@@ -49,7 +48,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from machine import cpu_model
+from machine import cpu_model, save_outputs
 
 PAIRS = {  # teacher and student: (models.create name, its arguments); hint: the stage on both sides
     "r50-r18": dict(teacher=("resnet50", {}), student=("resnet18", {}), hint="layer2",
@@ -255,14 +254,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             config[key] = getattr(args, key)
     results = measure(config)
     command = " ".join(["python", "benchmarks/distill_step.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
-    text = render_markdown(results, command)
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "w", encoding="utf-8") as handle:
-            handle.write(text)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=1)
+    print(save_outputs(results, lambda numbers: render_markdown(numbers, command), json_path=args.json,
+                       markdown_path=args.markdown))
     return results
 
 

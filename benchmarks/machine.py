@@ -1,8 +1,12 @@
-"""What a benchmark ran on: the CPU model, for the tables under reports/results/."""
+"""What a benchmark ran on (the CPU model) and how its tables under reports/results/ are written."""
 from __future__ import annotations
 
+import json
 import os
 import platform
+from collections.abc import Callable
+
+from workbench.files import write_atomic
 
 
 def cpu_model() -> str:
@@ -14,3 +18,26 @@ def cpu_model() -> str:
     except (OSError, StopIteration):
         pass
     return f"{cpu}, {os.cpu_count()} logical CPUs"
+
+
+def save_outputs(results: dict, render: Callable[[dict], str], *, json_path: str | None,
+                 markdown_path: str | None) -> str:
+    """Write ``results`` as JSON to ``json_path`` first (the raw numbers survive a failure to render them),
+    then ``render(results)`` to ``markdown_path``, each atomically; returns the Markdown text.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> save_outputs({"a": 1}, lambda r: f"a = {r['a']}", json_path=str(folder / "r.json"),
+        ...              markdown_path=str(folder / "t" / "r.md"))
+        'a = 1'
+        >>> (folder / "t" / "r.md").read_text(), (folder / "r.json").read_text()
+        ('a = 1', '{\\n "a": 1\\n}')
+    """
+    if json_path:
+        write_atomic(json_path, json.dumps(results, indent=1))
+    text = render(results)
+    if markdown_path:
+        os.makedirs(os.path.dirname(os.path.abspath(markdown_path)), exist_ok=True)
+        write_atomic(markdown_path, text)
+    return text

@@ -28,7 +28,8 @@ from workbench.reports.compare import check_results_path
 from workbench.reports.rules import Context, Rule
 from workbench.reports.sanity import Flag, Sanity, near_chance
 
-__all__ = ["VARIANTS", "config_rule", "switch_rule", "guidance_rule", "class_labels", "run_variants", "training_records", "first_step_table", "measure", "paired_test", "dt_sanity", "findings",
+__all__ = ["VARIANTS", "config_rule", "switch_rule", "guidance_rule", "class_labels", "run_variants",
+           "training_records", "first_step_table", "measure", "paired_test", "dt_sanity", "findings",
            "results_markdown", "save_results"]
 
 VARIANTS = ("base", "distilled", "hybrid", "unguided student")
