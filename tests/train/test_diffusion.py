@@ -67,8 +67,8 @@ def test_two_steps_of_n_are_one_step_of_n_over_two_on_the_trailing_grid(steps):
 
 @pytest.mark.parametrize("field, value, needle", [
     ("base_steps", 12, "power of two"), ("student_steps", 3, "power of two"), ("epochs", 0, "positive int"),
-    ("widths", (12,), "multiples of 8"), ("guidance", 0.5, "guidance"), ("ema", 1.0, "[0, 1)"),
-    ("lr", float("nan"), "finite positive"),
+    ("widths", (12,), "multiples of 8"), ("guidance", 0.5, "guidance"), ("guidance", float("nan"), "finite scale"),
+    ("ema", 1.0, "[0, 1)"), ("lr", float("nan"), "finite positive"),
 ])
 def test_bad_settings_say_what_is_wrong(field, value, needle):
     with pytest.raises(ValueError, match=None) as error:

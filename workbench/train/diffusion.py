@@ -30,8 +30,8 @@ from workbench.files import write_atomic
 from workbench.train.cache import cache_path, record_path
 
 __all__ = [
-    "DiffusionConfig", "DiffusionRecord", "NULL_CLASS", "NUM_TRAIN_TIMESTEPS", "classifier_input", "digit_images", "scheduler",
-    "trained_ddpm", "unet",
+    "DiffusionConfig", "DiffusionRecord", "NULL_CLASS", "NUM_TRAIN_TIMESTEPS", "classifier_input", "digit_images",
+    "scheduler", "trained_ddpm", "unet",
 ]
 
 NUM_TRAIN_TIMESTEPS = 1024
@@ -88,8 +88,9 @@ class DiffusionConfig:
         for name in ("label_dropout", "ema"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)!r}")
-        if self.guidance < 0 or 0 < self.guidance < 1:
-            raise ValueError(f"guidance must be 0 (or 1): no guidance, or a scale > 1, got {self.guidance!r}")
+        if not isinstance(self.guidance, (int, float)) or not math.isfinite(self.guidance) or (
+                self.guidance < 0 or 0 < self.guidance < 1):
+            raise ValueError(f"guidance must be 0 (or 1): no guidance, or a finite scale > 1, got {self.guidance!r}")
         for name in ("base_steps", "student_steps"):
             steps = getattr(self, name)
             if steps & (steps - 1) or NUM_TRAIN_TIMESTEPS % steps:
@@ -310,7 +311,7 @@ def entry_path(kind: str, settings: dict[str, Any]) -> Path:
                                        "torch": torch.__version__, "version": DIFFUSION_VERSION})
 
 
-def cached(kind: str, settings: dict[str, Any], config: DiffusionConfig, train, progress: bool) -> nn.Module:
+def cached(kind: str, settings: dict[str, Any], config: DiffusionConfig, train) -> nn.Module:
     """The model of ``kind`` from the cache, or ``train()`` → ``(model, losses, extra)`` run and cached
     (weights as safetensors and a :class:`DiffusionRecord` beside them, both written atomically).
     The model comes back on the CPU in eval mode, its record as ``model.diffusion_record``."""
@@ -351,4 +352,4 @@ def trained_ddpm(config: DiffusionConfig | None = None, *, device: str | torch.d
         model, losses = _train_base(config, device, progress)
         return model, losses, {}
 
-    return cached("base", config.base_settings(), config, train, progress)
+    return cached("base", config.base_settings(), config, train)

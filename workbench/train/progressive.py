@@ -152,4 +152,4 @@ def distilled_ddpm(config: DiffusionConfig | None = None, *, guided: bool = True
             losses_all += losses
         return model, losses_all, {"rounds": rounds, "guidance": guidance}
 
-    return cached(kind, settings, config, train, progress)
+    return cached(kind, settings, config, train)
