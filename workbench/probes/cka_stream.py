@@ -403,6 +403,7 @@ def cka_matrix(
                     kernel=kernel, debiased=debiased, threshold=threshold, sigma=sigma,
                 )
             accumulator.update(list(batch.teacher_features.values()), list(batch.student_features.values()))
+            del batch  # its activations go before the next forward (the loop variable would keep them)
             if on_batch is not None:
                 on_batch(accumulator.n_batches, accumulator.n_samples)
     if accumulator is None:

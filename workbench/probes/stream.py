@@ -216,6 +216,11 @@ def paired_batches(
                 _check_finite(teacher_features, "teacher", seen)
                 _check_finite(student_features, "student", seen)
             yield PairedBatch(teacher_output, student_output, teacher_features, student_features, batch, n)
+            # drop this generator's references before the next forward, so that a consumer done with the batch
+            # frees its activations then: at most one batch of features is alive, not two
+            del teacher_output, student_output, teacher_features, student_features
+            teacher_acts.clear()
+            student_acts.clear()
             seen += n
             bar.update(n)
             if n_samples is not None and seen >= n_samples:
