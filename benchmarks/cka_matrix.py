@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from machine import cpu_model, save_outputs
+from machine import cpu_model, save_outputs, serve_worker
 
 LAYERS = [f"blocks.{index}" for index in range(6)] + ["pool", "head"]
 # distribution name -> (what its W1 run calls, the estimator it implements, read from its source)
@@ -821,9 +821,7 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.worker:
-        with open(args.worker_out, "w") as handle:
-            json.dump(worker(json.loads(args.worker)), handle)
+    if serve_worker(args.worker, args.worker_out, worker):
         return 0
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: torch {torch.__version__} sees no CUDA device here")

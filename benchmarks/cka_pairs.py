@@ -56,7 +56,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import cka_matrix as w1  # the W1 benchmark: its timing, fault, load, memory and reference helpers
-from machine import save_outputs
+from machine import save_outputs, serve_worker
 
 Layers = tuple[list[str], list[str]]  # teacher's and student's module names
 PAIRS: dict[str, dict[str, Any]] = {
@@ -652,9 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (or, with ``--worker``, one of its jobs) and print / write the report."""
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.worker:
-        with open(args.worker_out, "w") as handle:
-            json.dump(worker(json.loads(args.worker)), handle)
+    if serve_worker(args.worker, args.worker_out, worker):
         return 0
     config = make_config(args)
     peers = [] if args.no_peers else installed_peers()

@@ -41,3 +41,17 @@ def save_outputs(results: dict, render: Callable[[dict], str], *, json_path: str
         os.makedirs(os.path.dirname(os.path.abspath(markdown_path)), exist_ok=True)
         write_atomic(markdown_path, text)
     return text
+
+
+def serve_worker(job_text: str | None, out_path: str | None, worker: Callable[[dict], dict]) -> bool:
+    """When this process was started as a benchmark worker (``--worker JOB --worker-out PATH``): run
+    ``worker(job)`` and write its JSON result to ``out_path``; returns whether it did.
+
+    Example:
+        >>> serve_worker(None, None, lambda job: job)
+        False
+    """
+    if not job_text:
+        return False
+    write_atomic(out_path, json.dumps(worker(json.loads(job_text))))
+    return True

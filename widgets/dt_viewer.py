@@ -20,8 +20,8 @@ from plotly.subplots import make_subplots
 
 from widgets.student_search import _show_figure
 from widgets.training_monitor import _fitted
-from workbench.probes.dt import DTTrajectory, _images
-from workbench.probes.dt_figures import _check, commitment_figure, nearest_step
+from workbench.probes.dt import DTTrajectory, _images, check_trajectories
+from workbench.probes.dt_figures import commitment_figure, nearest_step
 
 __all__ = ["DTViewer", "images_figure"]
 
@@ -110,7 +110,7 @@ class DTViewer(ipywidgets.VBox):
 
     def __init__(self, trajectories: Mapping[str, DTTrajectory], *, sample: int = 0, step: int = 0,
                  title: str | None = None, height: int | None = None) -> None:
-        _check(trajectories)
+        check_trajectories(trajectories)
         self.trajectories = dict(trajectories)
         counts = {name: run.final.shape[0] for name, run in self.trajectories.items()}
         if len(set(counts.values())) > 1:

@@ -24,6 +24,13 @@ def _views(cell) -> list[str]:
             if VIEW in output.get("data", {})]
 
 
+def _only_value(states: dict, dom_class: str) -> str:
+    """The ``value`` of the one widget in the saved state that carries ``dom_class``."""
+    (value,) = [state["state"]["value"] for state in states.values()
+                if dom_class in state["state"].get("_dom_classes", [])]
+    return value
+
+
 def test_widgets_notebook_runs_and_keeps_the_widget_state(tmp_path, monkeypatch):
     monkeypatch.setenv("KD_WORKBENCH_CACHE", str(tmp_path / "cache"))
     output = tmp_path / "widgets.ipynb"
@@ -59,8 +66,7 @@ def test_widgets_notebook_runs_and_keeps_the_widget_state(tmp_path, monkeypatch)
     ofa_view = next(cell for cell in code if "OFAExplorer(" in cell.source)
     ofa_id = _views(ofa_view)[0]
     assert "kd-ofa-explorer" in states[ofa_id]["state"]["_dom_classes"]
-    (branch_status,) = [state["state"]["value"] for state in states.values()
-                        if "kd-ofa-status" in state["state"].get("_dom_classes", [])]
+    branch_status = _only_value(states, "kd-ofa-status")
     assert re.fullmatch(r"2 branches at blocks\.0, blocks\.1 · epoch 2, held-out accuracy \(128 samples\): "
                         r"blocks\.0 [\d.]+% · blocks\.1 [\d.]+% · <b>head [\d.]+%</b>", branch_status), branch_status
 
@@ -73,7 +79,6 @@ def test_widgets_notebook_runs_and_keeps_the_widget_state(tmp_path, monkeypatch)
     dt_view = next(cell for cell in code if "DTViewer(runs" in cell.source)
     dt_id = _views(dt_view)[0]
     assert "kd-dt-viewer" in states[dt_id]["state"]["_dom_classes"]
-    (dt_status,) = [state["state"]["value"] for state in states.values()
-                    if "kd-dt-status" in state["state"].get("_dom_classes", [])]
+    dt_status = _only_value(states, "kd-dt-status")
     assert re.fullmatch(r"<b>base</b> step 0 of 8 \(t=\d+, model\) · <b>distilled</b> step 0 of 4 \(t=\d+, model\) · "
                         r"<b>hybrid</b> step 0 of 4 \(t=\d+, base\)", dt_status), dt_status

@@ -18,7 +18,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -50,7 +50,7 @@ SCHEDULERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "FlowMatchEulerDiscreteScheduler": ("flow", ("flow_prediction",)),
 }
 __all__ = [
-    "DTTrajectory", "SCHEDULERS", "decode", "first_step_diversity", "frechet_distance", "hybrid",
+    "DTTrajectory", "SCHEDULERS", "check_trajectories", "decode", "first_step_diversity", "frechet_distance", "hybrid",
     "pairwise_cosine_distance", "pairwise_distance", "predicted_x0", "sample_space", "trajectory",
 ]
 IMAGE_LIMIT = 10  # columns a strip shows when no steps are chosen
@@ -766,6 +766,23 @@ class DTTrajectory(JsonResult):
         for step, label in zip(figure.layout.sliders[0].steps, labels):
             step.label = label
         return figure
+
+
+def check_trajectories(trajectories: Mapping[str, DTTrajectory]) -> None:
+    """Raise unless ``trajectories`` is a non-empty mapping of variant name → :class:`DTTrajectory` (what the
+    multi-variant figures, the sample-quality table and the DT viewer take).
+
+    Example:
+        >>> check_trajectories({"base": "not a run"})
+        Traceback (most recent call last):
+        ...
+        TypeError: trajectories['base'] is a str, not a DTTrajectory
+    """
+    if not trajectories:
+        raise ValueError("trajectories is empty: pass variant name -> DTTrajectory")
+    for name, run in trajectories.items():
+        if not isinstance(run, DTTrajectory):
+            raise TypeError(f"trajectories[{name!r}] is a {type(run).__name__}, not a DTTrajectory")
 
 
 def first_step_diversity(result: DTTrajectory) -> float:

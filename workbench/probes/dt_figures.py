@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from workbench.probes.dt import DTTrajectory, _images
+from workbench.probes.dt import DTTrajectory, _images, check_trajectories
 
 __all__ = ["commitment_figure", "nearest_step", "strip"]
 
@@ -30,14 +30,6 @@ def nearest_step(run: DTTrajectory, fraction: float) -> int:
     return int(np.floor(position + 0.5 - 1e-9))
 
 
-def _check(trajectories: Mapping[str, DTTrajectory]) -> None:
-    if not trajectories:
-        raise ValueError("trajectories is empty: pass variant name -> DTTrajectory")
-    for name, run in trajectories.items():
-        if not isinstance(run, DTTrajectory):
-            raise TypeError(f"trajectories[{name!r}] is a {type(run).__name__}, not a DTTrajectory")
-
-
 def strip(trajectories: Mapping[str, DTTrajectory], samples: Sequence[int] = (0, 1, 2), columns: int = 6):
     """The DT strip of several variants (matplotlib ``Figure``): rows seeds × variants, columns x_T, then
     x̂0 at ``columns`` fractions of each run (0 = its first step … 1 = its last), then the final sample.
@@ -54,7 +46,7 @@ def strip(trajectories: Mapping[str, DTTrajectory], samples: Sequence[int] = (0,
     """
     import matplotlib.pyplot as plt
 
-    _check(trajectories)
+    check_trajectories(trajectories)
     fractions = np.linspace(0.0, 1.0, columns) if columns > 1 else np.zeros(1)
     rows = [(sample, name, run) for sample in samples for name, run in trajectories.items()]
     for sample, name, run in rows:
@@ -89,7 +81,7 @@ def commitment_figure(trajectories: Mapping[str, DTTrajectory], *, marker: float
     """
     import plotly.graph_objects as go
 
-    _check(trajectories)
+    check_trajectories(trajectories)
     figure = go.Figure()
     for name, run in trajectories.items():
         curve = run.commitment()

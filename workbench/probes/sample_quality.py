@@ -28,7 +28,7 @@ from torch import nn
 from workbench.capture import capture
 from workbench.devices import model_device
 from workbench.probes.diversity import frechet_distance, pairwise_cosine_distance, pairwise_distance
-from workbench.probes.dt import DTTrajectory
+from workbench.probes.dt import DTTrajectory, check_trajectories
 from workbench.probes.result_io import JsonResult, check_json_dict, check_text
 from workbench.probes.stream import eval_mode
 
@@ -139,13 +139,10 @@ def sample_quality(
         ...                                                                   pairwise_distance(x[0, 3:])]), 6))
         True
     """
-    if not trajectories:
-        raise ValueError("trajectories is empty: pass variant name -> DTTrajectory")
+    check_trajectories(trajectories)
     real_features, _ = embed(classifier, real_images, layer=layer, preprocess=preprocess)
     rows, per_class = [], {}
     for name, run in trajectories.items():
-        if not isinstance(run, DTTrajectory):
-            raise TypeError(f"trajectories[{name!r}] is a {type(run).__name__}, not a DTTrajectory")
         features, predicted = embed(classifier, run.final, layer=layer, preprocess=preprocess)
         labels = np.asarray(run.labels, dtype=np.int64)
         n = run.final.shape[0]
