@@ -11,8 +11,8 @@ W1: teacher ``bench_cnn`` (width 1), student ``bench_cnn`` (width 0.5), the 8 mo
     python benchmarks/cka_matrix.py --no-peers --against HEAD --batch-size 1024   # this tree against a commit
 
 Timing is interleaved in one process per subject: each round runs (a) the bare forward passes, (b) ``cka_matrix``,
-(b₀) ``cka_matrix`` as committed at ``--against`` (if given), (c) the Gram products alone and (a′) the hooked
-forward passes, one after the other (A B A B …), so every ratio is paired within a round and reported with its
+(b₀) ``cka_matrix`` as committed at ``--against`` (if given), (b16) ``cka_matrix(..., precision="bf16")``, (c) the
+Gram products alone and (a′) the hooked forward passes, one after the other (A B A B …), so every ratio is paired within a round and reported with its
 spread. Each run's minor page faults (``ru_minflt`` deltas) are recorded: glibc returns freed activation memory
 to the kernel (``mmap`` / trim thresholds), so a loop that frees and re-allocates its activations page-faults
 them in again; ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0`` (inherited by the workers) keeps that memory.
@@ -109,12 +109,12 @@ def run_forward(teacher, student, loader, device):
     synchronize(device)
 
 
-def run_ours(teacher, student, loader, device):
-    """(b) ``cka_matrix``, debiased linear, progress off."""
+def run_ours(teacher, student, loader, device, precision="full"):
+    """(b) ``cka_matrix``, debiased linear, progress off; (b16) the same with ``precision="bf16"``."""
     from workbench.similarity import cka_matrix
 
     result = cka_matrix(teacher, student, loader, LAYERS, LAYERS, kernel="linear", debiased=True,
-                        device=device, batch_size=loader.batch_size, progress=False)
+                        device=device, batch_size=loader.batch_size, progress=False, precision=precision)
     return {"values": result.values}
 
 
@@ -383,7 +383,8 @@ def worker(job: dict) -> dict:
 
 def interleaved_rounds(function, fresh, teacher, student, loader, job) -> dict:
     """One warm-up of every subject, then ``repeats`` rounds of (a) forward, the subject, and for ``ours``
-    also (b₀) the ``--against`` baseline, (c) the Gram products and (a′) the hooked forward: seconds and
+    also (b₀) the ``--against`` baseline, (b16) bfloat16 Grams, (c) the Gram products and (a′) the hooked
+    forward: seconds and
     minor page faults per run, so every ratio pairs runs of the same round."""
     device = job["device"]
     ours = job["subject"] == "ours"
@@ -393,6 +394,7 @@ def interleaved_rounds(function, fresh, teacher, student, loader, job) -> dict:
         baseline = baseline_subject(job["against"])
         subjects["baseline_"] = lambda: baseline(teacher, student, loader, device)
     if ours:
+        subjects["bf16_"] = lambda: run_ours(teacher, student, loader, device, precision="bf16")
         features = captured_features(teacher, student, next(iter(loader))[0].to(device))
         subjects["gram_"] = lambda: run_grams(features, len(loader), device)
         subjects["hooked_"] = lambda: run_forward_hooked(teacher, student, loader, device)
@@ -406,7 +408,7 @@ def interleaved_rounds(function, fresh, teacher, student, loader, job) -> dict:
             out.setdefault(f"{key}minflt", []).append(faults)
     out.setdefault("gram_seconds", [])
     out.setdefault("hooked_seconds", [])
-    for name, prefix in (("", ""), ("baseline_", "baseline_")):
+    for name, prefix in (("", ""), ("baseline_", "baseline_"), ("bf16_", "bf16_")):
         out.update({prefix + key: np.asarray(value).tolist() if key.startswith("values") else value
                     for key, value in (outputs.get(name) or {}).items()})
     return out
@@ -643,6 +645,10 @@ def render_markdown(results: dict) -> str:
         f"| (a′) forward passes with the 16 capture hooks holding the activations, as inside (b) | {hooked:.2f} | "
         f"{_span(ours.get('hooked_seconds', []))} | {hooked / a:.2f} | {_share(ours.get('other_cpu_share'))} |",
     ]
+    if ours.get("bf16_seconds"):
+        low = _median(ours["bf16_seconds"])
+        lines.append(f"| (b16) `cka_matrix(..., precision=\"bf16\")`: opt-in bfloat16 Grams | {low:.2f} | "
+                     f"{_span(ours['bf16_seconds'])} | {low / a:.2f} | {_share(ours.get('other_cpu_share'))} |")
     if ours.get("baseline_seconds"):
         before = _median(ours["baseline_seconds"])
         lines.append(f"| (b₀) `cka_matrix` as committed at `{config['against']}`, same process, same rounds | "
@@ -685,13 +691,17 @@ def render_markdown(results: dict) -> str:
     ]
     lines += memory_section(results)
     lines += values_section(results)
-    lines += ["", "## Ours against the peers", "", "| peer | peer s | ours s | ours / peer |", "|---|---|---|---|"]
+    low = _median(ours["bf16_seconds"]) if ours.get("bf16_seconds") else None
+    lines += ["", "## Ours against the peers", "", "| peer | peer s | ours s | ours / peer | (b16) / peer |",
+              "|---|---|---|---|---|"]
     for name in PEERS:
         peer = results["time"].get(name, {})
         if peer.get("seconds"):
-            lines.append(f"| {name} | {_median(peer['seconds']):.2f} | {b:.2f} | {b / _median(peer['seconds']):.2f} |")
+            theirs = _median(peer["seconds"])
+            lines.append(f"| {name} | {theirs:.2f} | {b:.2f} | {b / theirs:.2f} | "
+                         f"{f'{low / theirs:.2f}' if low else '—'} |")
         elif name in results["time"]:
-            lines.append(f"| {name} | failed | {b:.2f} | — |")
+            lines.append(f"| {name} | failed | {b:.2f} | — | — |")
     if results.get("skipped_peers"):
         lines += ["", f"Not run (not installed or `--no-peers`): {', '.join(results['skipped_peers'])}."]
     return "\n".join(lines) + "\n"
@@ -710,7 +720,7 @@ def own_times(ours: dict, keys: tuple[str, ...]) -> list[list[float]]:
 def paired_section(ours: dict, against: str | None) -> list[str]:
     """Per-round ratios (median, min–max) and the median minor page faults of each subject's runs."""
     runs = {"(a) forward": "forward_", "(b) cka_matrix": "", "(b₀) at " + str(against): "baseline_",
-            "(c) Gram products": "gram_", "(a′) hooked forward": "hooked_"}
+            "(b16) bfloat16 Grams": "bf16_", "(c) Gram products": "gram_", "(a′) hooked forward": "hooked_"}
     runs = {label: key for label, key in runs.items() if ours.get(f"{key}seconds")}
     lines = ["Paired within each round (median, min–max over rounds):", "",
              "| ratio | value |", "|---|---|",
@@ -718,6 +728,8 @@ def paired_section(ours: dict, against: str | None) -> list[str]:
     if ours.get("hooked_seconds"):
         lines.append(f"| b / a′ | {_paired(ours['seconds'], ours['hooked_seconds'])} |")
         lines.append(f"| a′ / a | {_paired(ours['hooked_seconds'], ours['forward_seconds'])} |")
+        if ours.get("bf16_seconds"):
+            lines.append(f"| b16 / a′ (opt-in bfloat16 Grams) | {_paired(ours['bf16_seconds'], ours['hooked_seconds'])} |")
     if ours.get("baseline_seconds"):
         lines.append(f"| b / b₀ (this tree over `{against}`) | {_paired(ours['seconds'], ours['baseline_seconds'])} |")
         lines.append(f"| (b − a′) / (b₀ − a′) (the CKA's own time) | "
@@ -770,6 +782,9 @@ def values_section(results: dict) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     rows = [("workbench `cka_matrix`", OURS_ESTIMATOR, results["time"]["ours"].get("values"), None)]
+    if results["time"]["ours"].get("bf16_values") is not None:
+        rows.append(("workbench `cka_matrix(..., precision=\"bf16\")`", "as above, the Grams from bfloat16 features",
+                     results["time"]["ours"]["bf16_values"], None))
     for name in PEERS:
         peer = results["time"].get(name)
         if peer is not None:

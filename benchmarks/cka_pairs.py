@@ -12,7 +12,8 @@ float32, seeded random 3×64×64 inputs (256 by default, batches of 64), one tor
 Per pair, one fresh process times, interleaved round by round (a, a′, b, peers, a, a′, b, peers, …) after a
 one-batch warm-up of each: **(a)** both models' bare forward passes on the same batches under ``no_grad``;
 **(a′)** the same with ``workbench.capture`` hooks on the layers that (b) reads, holding each batch's
-activations; **(b)** ``cka_matrix`` (debiased linear, progress off); and the peers ``torch-cka`` and
+activations; **(b)** ``cka_matrix`` (debiased linear, progress off); **(b16)** the same with the opt-in
+``precision="bf16"``; and the peers ``torch-cka`` and
 ``cka-pytorch`` through their own APIs (fresh copies of the same weights per run, made outside the timed
 region), where installed. Each run records its seconds, its minor page faults and the share of the machine's
 CPU that other processes used meanwhile (``/proc/stat``); ratios are paired within a round.
@@ -78,10 +79,12 @@ MEMORY_SELECTIONS: dict[str, list[str]] = {
     "36": ["blocks.*", "blocks.*.attn", "blocks.*.mlp"],
 }
 PEER_NAMES = ("torch-cka", "cka-pytorch")
+OWN_SUBJECTS = ("forward", "hooked", "ours", "ours-bf16")
 SUBJECT_LABELS = {
     "forward": "(a) forward passes alone (both models, `no_grad`)",
     "hooked": "(a′) forward passes with the capture hooks holding the activations",
     "ours": "(b) `cka_matrix` (debiased linear)",
+    "ours-bf16": "(b16) `cka_matrix(..., precision=\"bf16\")` (opt-in bfloat16 Grams)",
     "torch-cka": "torch-cka: `CKA(...).compare(loader, loader)`",
     "cka-pytorch": "cka-pytorch: `CKACalculator(...).calculate_cka_matrix(loader, num_epochs=1)`",
 }
@@ -135,12 +138,13 @@ def run_hooked(teacher: nn.Module, student: nn.Module, loader: DataLoader, layer
 
 
 def run_ours(teacher: nn.Module, student: nn.Module, loader: DataLoader, layers: Layers, device: str,
-             on_batch: Callable[[int, int], None] | None = None) -> dict:
-    """(b) ``cka_matrix``, debiased linear, progress off."""
+             on_batch: Callable[[int, int], None] | None = None, precision: str = "full") -> dict:
+    """(b) ``cka_matrix``, debiased linear, progress off; (b16) the same with ``precision="bf16"``."""
     from workbench.probes.cka_stream import cka_matrix
 
     result = cka_matrix(teacher, student, loader, layers[0], layers[1], kernel="linear", debiased=True,
-                        device=device, batch_size=loader.batch_size, progress=False, on_batch=on_batch)
+                        device=device, batch_size=loader.batch_size, progress=False, on_batch=on_batch,
+                        precision=precision)
     return {"values": result.values}
 
 
@@ -205,7 +209,7 @@ def feature_dims(teacher: nn.Module, student: nn.Module, inputs: torch.Tensor, l
 
 def time_job(job: dict) -> dict:
     """One pair, all subjects in this process: a one-batch warm-up of each, then ``rounds`` rounds of
-    (a), (a′), (b) and each peer in turn; seconds, minor page faults and other processes' CPU share per run."""
+    (a), (a′), (b), (b16) and each peer in turn; seconds, minor page faults and other processes' CPU share per run."""
     device = job["device"]
     teacher, student = build_pair(job["pair"], job["image_size"])
     inputs = make_inputs(job["n_samples"], job["image_size"])
@@ -215,12 +219,13 @@ def time_job(job: dict) -> dict:
         "forward": lambda t, s, data: w1.run_forward(t, s, data, device),
         "hooked": lambda t, s, data: run_hooked(t, s, data, layers, device),
         "ours": lambda t, s, data: run_ours(t, s, data, layers, device),
+        "ours-bf16": lambda t, s, data: run_ours(t, s, data, layers, device, precision="bf16"),
     }
     for name in job["peers"]:
         runs[name] = lambda t, s, data, run=PEER_RUNS[name]: run(t, s, data, layers, device)
 
     def models_for(name):  # peers leave hooks behind: each of their runs gets fresh copies of the same weights
-        return (teacher, student) if name in ("forward", "hooked", "ours") else (
+        return (teacher, student) if name in OWN_SUBJECTS else (
             copy.deepcopy(teacher), copy.deepcopy(student))
 
     out: dict = {"pair": job["pair"], "teacher_layers": layers[0], "student_layers": layers[1],
@@ -232,7 +237,7 @@ def time_job(job: dict) -> dict:
         except Exception as error:  # a peer that cannot run the pair is a result, not a crash
             record["error"] = _error(error)
             runs.pop(name)
-            if name in ("forward", "hooked", "ours"):
+            if name in OWN_SUBJECTS:
                 raise
     for index in range(job["rounds"]):
         round_start, seconds = w1.cpu_snapshot(), {}
@@ -427,6 +432,8 @@ def subject_rows(pair_results: dict) -> list[tuple[str, str]]:
         if name == "cka-pytorch" and record.get("values_epsilon_0") is not None:
             diff64 += f" (ε = 0: {_max_diff(record['values_epsilon_0'], ref64)})"
         vs_ours = _paired(ours, seconds) if name in PEER_NAMES else "—"
+        if name in PEER_NAMES and subjects.get("ours-bf16", {}).get("seconds"):
+            vs_ours += f"; (b16): {_paired(subjects['ours-bf16']['seconds'], seconds)}"
         note = f" (`{record['error']}`)" if record.get("error") else ""
         rows.append((name, f"| {label}{note} | {w1._median(seconds):.2f} | {w1._span(seconds)} | "
                            f"{_paired(seconds, a)} | {_paired(seconds, hooked)} | {w1._median(record['minflt']):,.0f} | "
@@ -455,6 +462,10 @@ def pair_section(pair: str, pair_results: dict, config: dict) -> list[str]:
     ours, a, hooked = (subjects[name]["seconds"] for name in ("ours", "forward", "hooked"))
     lines.append(f"**b/a = {_paired(ours, a)}**, **b/a′ = {_paired(ours, hooked)}** (paired per round: median "
                  "(min–max)).")
+    bf16 = subjects.get("ours-bf16", {}).get("seconds")
+    if bf16:
+        lines.append(f"Opt-in bfloat16 Grams: **b16/a = {_paired(bf16, a)}**, **b16/a′ = {_paired(bf16, hooked)}**, "
+                     f"b16/b = {_paired(bf16, ours)}.")
     if "error" not in reference:
         lines += peer_value_notes(subjects, reference)
     if "error" in reference:

@@ -104,11 +104,15 @@ def test_smoke_run_matches_the_reference_and_renders(bench, in_process):
     assert len(ours["hooked_seconds"]) == 1
     match = bench.compare_to_reference(ours["values"], results["reference"]["reference"])
     assert match["max_abs_diff"] < 1e-6 and match["n_off"] == 0
+    assert len(ours["bf16_seconds"]) == 1  # the opt-in bfloat16 row: within its stated error, not float32's
+    low = bench.compare_to_reference(ours["bf16_values"], results["reference"]["reference"])
+    assert 1e-7 < low["max_abs_diff"] < 1e-2 and low["n_off"] == 0
     # structure only: at this tiny size, in a process that already holds freed memory, growth can be 0
     assert isinstance(results["memory"]["ours@96"]["rss_growth_bytes"], int)
     assert results["memory"]["ours@96"]["rss_growth_bytes"] >= 0
     text = bench.render_markdown(results)
     assert "**b/a = " in text and "| workbench `cka_matrix` |" in text and "| ours | 96 |" in text
+    assert '| workbench `cka_matrix(..., precision="bf16")` |' in text and "| b16 / a′ (opt-in bfloat16 Grams) |" in text
     if "ckatorch" in peers:  # it cannot run W1: a result in the table, not a crash
         assert "error" in results["time"]["ckatorch"] and "ckatorch 1.0.3" in text
 

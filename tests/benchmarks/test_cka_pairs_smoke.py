@@ -50,8 +50,10 @@ def test_reported_values_are_cka_matrix_computed_here(bench, config, results):
     threads = torch.get_num_threads()
     torch.set_num_threads(config["threads"])
     try:
-        direct = cka_matrix(teacher, student, inputs, "blocks.*", "blocks.*", kernel="linear", debiased=True,
-                            device="cpu", batch_size=8, progress=False)
+        direct, direct_bf16 = (
+            cka_matrix(teacher, student, inputs, "blocks.*", "blocks.*", kernel="linear", debiased=True,
+                       device="cpu", batch_size=8, progress=False, precision=precision)
+            for precision in ("full", "bf16"))
     finally:
         torch.set_num_threads(threads)
     assert timing["teacher_layers"] == direct.teacher_layers == [f"blocks.{index}" for index in range(12)]
@@ -60,6 +62,9 @@ def test_reported_values_are_cka_matrix_computed_here(bench, config, results):
     assert ours.shape == (12, 12)
     np.testing.assert_allclose(ours, direct.values, rtol=0, atol=1e-12)
     np.testing.assert_allclose(results["pairs"][PAIR]["reference"]["ours_float32"], direct.values, rtol=0, atol=1e-12)
+    bf16 = np.asarray(timing["subjects"]["ours-bf16"]["values"])
+    np.testing.assert_allclose(bf16, direct_bf16.values, rtol=0, atol=1e-12)
+    assert np.abs(bf16 - direct.values).max() > 1e-7  # the opt-in row is not the float32 path again
 
 
 def test_ours_is_within_1e_5_of_the_float64_reference(bench, results):
@@ -110,11 +115,11 @@ def test_markdown_has_one_row_per_subject(bench, results):
     text = bench.render_markdown(results)
     lines = text.splitlines()
     subjects = results["pairs"][PAIR]["time"]["subjects"]
-    assert set(subjects) == {"forward", "hooked", "ours", *bench.installed_peers()}
+    assert set(subjects) == {"forward", "hooked", "ours", "ours-bf16", *bench.installed_peers()}
     for name in subjects:
         label = bench.SUBJECT_LABELS[name].split(":")[0]
         assert sum(line.startswith(f"| {label}") for line in lines) == 1, name
     assert "Made by `python benchmarks/cka_pairs.py --smoke`" in text
-    assert "**b/a = " in text and "**b/a′ = " in text
+    assert "**b/a = " in text and "**b/a′ = " in text and "Opt-in bfloat16 Grams: **b16/a = " in text
     assert sum(line.startswith("| 1 | ") for line in lines) == 1  # the one round, with its foreign CPU share
     assert sum(line.startswith(("| 4 | `blocks.0`", "| 12 | `blocks.*`")) for line in lines) == 2

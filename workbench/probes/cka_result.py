@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from workbench.probes.kernels import KERNELS
+from workbench.probes.kernels import KERNELS, PRECISIONS
 from workbench.probes.result_io import (
     JsonResult, check_array, check_flag, check_int, check_json_dict, check_text, check_texts,
 )
 from workbench.plots import heatmap_figure, heatmap_plot
 
-CKA_ROUNDING = 1e-4  # how far outside its exact range a CKA may lie as rounding (float32 products)
+CKA_ROUNDING = {"full": 1e-4, "bf16": 1e-3}  # how far outside its exact range a CKA may lie as rounding
 
 
 @dataclass
@@ -34,14 +34,15 @@ class CKAResult(JsonResult):
     debiased: bool = True
     teacher_name: str = "teacher"
     student_name: str = "student"
+    precision: str = "full"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Check every field (types, shape, range); a file that fails is refused by ``load``.
 
         The biased CKA lies in [0, 1] (the inner product of two PSD centred Grams over their norms), the
-        debiased one in [-1, 1] (Cauchy–Schwarz on U-centred Grams); values up to ``CKA_ROUNDING``
-        outside pass as rounding, NaN (undefined, a dead layer) passes, ±Inf does not.
+        debiased one in [-1, 1] (Cauchy–Schwarz on U-centred Grams); values up to ``CKA_ROUNDING`` (of the
+        Grams' ``precision``) outside pass as rounding, NaN (undefined, a dead layer) passes, ±Inf does not.
         """
         self.teacher_layers = check_texts(self.teacher_layers, "teacher_layers")
         self.student_layers = check_texts(self.student_layers, "student_layers")
@@ -52,13 +53,17 @@ class CKAResult(JsonResult):
         self.n_samples = check_int(self.n_samples, "n_samples", minimum=4 if self.debiased else 2)
         self.teacher_name = check_text(self.teacher_name, "teacher_name")
         self.student_name = check_text(self.student_name, "student_name")
+        self.precision = check_text(self.precision, "precision")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         self.extra = check_json_dict(self.extra, "extra")
         self.values = check_array(self.values, "values", ndim=2)
         expected = [len(self.teacher_layers), len(self.student_layers)]
         if list(self.values.shape) != expected:
             raise ValueError(f"values has shape {list(self.values.shape)}, the layer lists imply {expected}")
         low = -1 if self.debiased else 0
-        outside = ~np.isnan(self.values) & ((self.values < low - CKA_ROUNDING) | (self.values > 1 + CKA_ROUNDING))
+        rounding = CKA_ROUNDING[self.precision]
+        outside = ~np.isnan(self.values) & ((self.values < low - rounding) | (self.values > 1 + rounding))
         if outside.any():
             row, column = np.argwhere(outside)[0]
             raise ValueError(
@@ -70,8 +75,9 @@ class CKAResult(JsonResult):
     def title(self) -> str:
         """A one-line description used by the figures."""
         estimator = "debiased" if self.debiased else "biased"
+        grams = "" if self.precision == "full" else f", {self.precision} Grams (±1e-4)"
         return (
-            f"{self.kernel} CKA ({estimator}), {self.teacher_name} vs {self.student_name}, "
+            f"{self.kernel} CKA ({estimator}{grams}), {self.teacher_name} vs {self.student_name}, "
             f"n = {self.n_samples:,}"
         )
 
