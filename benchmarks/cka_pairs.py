@@ -637,6 +637,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="timed rounds per pair (default 5; smoke 1)")
     parser.add_argument("--n-samples", type=int, help="inputs per pass (default 256; smoke 16)")
     parser.add_argument("--batch-size", type=int, help="batch (default 64; smoke 8)")
+    parser.add_argument("--image-size", type=int, help="input side in pixels (default 64; smoke 32; 224 on a GPU)")
     parser.add_argument("--memory-n-samples", type=int, help="inputs of each peak-memory run (default 128)")
     parser.add_argument("--pairs", nargs="+", choices=list(PAIRS), help="pairs to time (default: all)")
     parser.add_argument("--smoke", action="store_true", help="tiny: 1 round, 16 samples of 32×32, 2 memory sizes")
@@ -653,7 +654,7 @@ def make_config(args: argparse.Namespace) -> dict:
     """The run's configuration from the command line: the full or smoke defaults, then the overrides."""
     config = {**(SMOKE if args.smoke else FULL), "pairs": args.pairs or list(PAIRS),
               "device": args.device, "threads": args.threads}
-    for key in ("rounds", "n_samples", "batch_size", "memory_n_samples"):
+    for key in ("rounds", "n_samples", "batch_size", "image_size", "memory_n_samples"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
     return config
