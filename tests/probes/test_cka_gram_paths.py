@@ -84,3 +84,38 @@ def test_the_finite_flag_and_the_column_sum_guard():
     accumulator = CKAAccumulator(1, 1)
     accumulator.update([huge], [x.double()])
     assert accumulator.values()[0, 0] == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["full", "bf16"])
+def test_the_workspace_gives_the_same_grams_in_reused_memory(precision):
+    workspace = kernels.Workspace()
+    layers = [features(64, 3000, dtype=torch.float32, seed=1) + 5, features(64, 200, dtype=torch.float32, seed=2),
+              features(64, 3000, dtype=torch.float64, seed=3)]
+    pointers = []
+    for x in layers * 2:
+        expected = checked_centred_gram(x, precision)
+        got = checked_centred_gram(x, precision, workspace)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))  # bit for bit
+        pointers.append(workspace._buffer.data_ptr())
+    # the float32 buffer of the widest layer serves the narrower one; float64 (full) needs its own
+    reused = [True, True, precision == "bf16", precision == "bf16", True, precision == "bf16"]
+    assert [pointers[index] == pointers[index - 1] for index in range(1, 6)] == reused[1:]
+    assert workspace.take((64, 3000), torch.float32, "cpu").data_ptr() != layers[0].data_ptr()
+
+
+def test_the_accumulator_centres_every_layer_in_one_buffer(monkeypatch):
+    made = []
+    original = kernels.Workspace.take
+
+    def take(self, shape, dtype, device):
+        view = original(self, shape, dtype, device)
+        made.append(view.untyped_storage().data_ptr())
+        return view
+
+    monkeypatch.setattr(kernels.Workspace, "take", take)
+    accumulator = CKAAccumulator(2, 2)
+    for seed in range(3):
+        teacher = [features(32, 500, torch.float32, seed), features(32, 40, torch.float32, seed + 10)]
+        student = [features(32, 80, torch.float32, seed + 20), features(32, 7, torch.float32, seed + 30)]
+        accumulator.update(teacher, student)
+    assert len(made) == 12 and len(set(made)) == 1  # 4 layers × 3 batches, one allocation

@@ -75,7 +75,7 @@ class CKAResult(JsonResult):
     def title(self) -> str:
         """A one-line description used by the figures."""
         estimator = "debiased" if self.debiased else "biased"
-        grams = "" if self.precision == "full" else f", {self.precision} Grams (±1e-4)"
+        grams = "" if self.precision == "full" else f", {self.precision} Grams"
         return (
             f"{self.kernel} CKA ({estimator}{grams}), {self.teacher_name} vs {self.student_name}, "
             f"n = {self.n_samples:,}"

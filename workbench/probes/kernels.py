@@ -116,8 +116,38 @@ def scaled_centred_gram(features: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return gram, exponent
 
 
+class Workspace:
+    """One reusable buffer for the centred features of a stream of layers (see :func:`checked_centred_gram`).
+
+    A fresh ``[n, d]`` tensor per layer costs a page fault per 4 KiB on the CPU, where large blocks go back to
+    the OS when freed: writing the centred features into memory already mapped took half the time (a
+    200 × 32,768 float32 layer: 7.4 ms against 13.6 ms). The buffer grows to the largest layer and is reused,
+    so a caller must be done with one view before taking the next.
+
+    Example:
+        >>> import torch
+        >>> workspace = Workspace()
+        >>> first, second = workspace.take((4, 8), torch.float32, "cpu"), workspace.take((2, 3), torch.float32, "cpu")
+        >>> first.data_ptr() == second.data_ptr(), tuple(second.shape)
+        (True, (2, 3))
+    """
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        """A ``shape`` view of the buffer (uninitialised), reallocated only when it is too small or of another
+        dtype or device."""
+        numel = math.prod(shape)
+        buffer = self._buffer
+        if buffer is None or buffer.dtype != dtype or buffer.device != torch.device(device) or buffer.numel() < numel:
+            self._buffer = None  # the old buffer goes before the new one is made
+            buffer = self._buffer = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel].view(shape)
+
+
 def checked_centred_gram(
-    features: torch.Tensor, precision: str = "full"
+    features: torch.Tensor, precision: str = "full", workspace: Workspace | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(G, e, finite)``: :func:`scaled_centred_gram` and a 0-dim bool, False when a feature is NaN or ±Inf,
     all computed on the features' device with no host sync (the streaming probes read the flag later).
@@ -126,6 +156,8 @@ def checked_centred_gram(
     offset cancels exactly in the later (U-)centring of the Gram, and the scaled product cannot overflow.
     ``precision="bf16"`` rounds the centred, scaled features to bfloat16 (as the centring writes them) and
     returns a float32 G from their product (see :data:`PRECISIONS`); the default keeps the features' dtype.
+    With a :class:`Workspace` the centred features are written into its buffer (no autograd then), not into
+    a fresh tensor: the values are the same.
 
     Example:
         >>> import torch
@@ -147,7 +179,10 @@ def checked_centred_gram(
     scale = _power_of_two(-exponent, features.dtype)
     shift = features.mean(dim=0, keepdim=True) * -scale
     shift = torch.where(torch.isfinite(shift), shift, 0.0)
-    if product_dtype is None:
+    dtype = product_dtype or features.dtype
+    if workspace is not None:  # into memory already mapped (and as bfloat16 directly on that route)
+        centred = torch.addcmul(shift, features, scale, out=workspace.take(features.shape, dtype, features.device))
+    elif product_dtype is None:
         centred = torch.addcmul(shift, features, scale)
     else:  # written as bfloat16 by the centring itself (half the cost of a separate cast; no autograd here)
         centred = torch.addcmul(shift, features, scale, out=torch.empty_like(features, dtype=product_dtype))
@@ -159,7 +194,8 @@ PRECISIONS = ("full", "bf16")
 half and integer features, float64 for float64), within 1e-8 of float64 on real networks' features.
 ``"bf16"`` (opt-in): the centred features rounded to bfloat16 (8 significant bits) and multiplied on the
 bfloat16 units (CPU AMX, GPU tensor cores) with float32 accumulation; the CPU's product also rounds the
-Gram to bfloat16. Measured error of the CKA against float64: about 1e-4 (see docs/similarity.md)."""
+Gram to bfloat16. Measured error of the CKA against float64: about 1e-4 at 64 samples a batch, 4e-5 at 200,
+3e-3 at 8 (see docs/similarity.md)."""
 
 
 def check_precision(precision: object) -> None:
