@@ -355,7 +355,7 @@ def measure(config: dict, peers: list[str], log: Callable[[str], None] = _log,
     for pair in config["pairs"]:
         spec = PAIRS[pair]
         log(f"{pair}: {spec['teacher']} → {spec['student']}, N={config['n_samples']}, {config['rounds']} rounds "
-            f"of (a), (a′), (b){''.join(', ' + name for name in peers)} in one fresh process")
+            f"of (a), (a′), (b), (b16){''.join(', ' + name for name in peers)} in one fresh process")
         timing = runner({**base, "kind": "time", "pair": pair, "n_samples": config["n_samples"],
                          "rounds": config["rounds"], "peers": list(peers)})
         log(f"{pair}: float64 references (float64 copies of the models) in a fresh process")
