@@ -119,3 +119,13 @@ def test_the_accumulator_centres_every_layer_in_one_buffer(monkeypatch):
         student = [features(32, 80, torch.float32, seed + 20), features(32, 7, torch.float32, seed + 30)]
         accumulator.update(teacher, student)
     assert len(made) == 12 and len(set(made)) == 1  # 4 layers × 3 batches, one allocation
+
+
+@pytest.mark.parametrize("precision", ["full", "bf16"])
+def test_the_accumulator_reads_activations_that_require_grad(precision):
+    """A training step's activations (with their graph) are read as values; the buffer takes no graph."""
+    x = features(32, 50, torch.float32, seed=5).requires_grad_()
+    accumulator, detached = CKAAccumulator(1, 1, precision=precision), CKAAccumulator(1, 1, precision=precision)
+    accumulator.update([x * 2], [torch.tanh(x)])
+    detached.update([(x * 2).detach()], [torch.tanh(x).detach()])
+    assert np.array_equal(accumulator.values(), detached.values()) and x.grad is None

@@ -183,7 +183,9 @@ class CKAAccumulator:
         exponents, faults, dtypes = [], [], []
         no = torch.zeros((), dtype=torch.bool, device=device)
         for index, value in enumerate(features):
-            gram, exponent, finite = checked_centred_gram(value.reshape(n, -1), self.precision, self._workspace)
+            # statistics only: a training step's activations are read without their graph
+            gram, exponent, finite = checked_centred_gram(value.detach().reshape(n, -1), self.precision,
+                                                          self._workspace)
             out_of_range = no
             if value.dtype == torch.float64:  # also on the bfloat16 route: 4**exponent must fit the sums
                 out_of_range = (exponent.abs() > MAX_EXPONENT) & _out_of_float64_range(gram, exponent)

@@ -194,7 +194,7 @@ PRECISIONS = ("full", "bf16")
 half and integer features, float64 for float64), within 1e-8 of float64 on real networks' features.
 ``"bf16"`` (opt-in): the centred features rounded to bfloat16 (8 significant bits) and multiplied on the
 bfloat16 units (CPU AMX, GPU tensor cores) with float32 accumulation; the CPU's product also rounds the
-Gram to bfloat16. Measured error of the CKA against float64: about 1e-4 at 64 samples a batch, 4e-5 at 200,
+Gram to bfloat16. Measured error of the CKA against float64: about 1e-4 at 64 samples a batch, 2e-5 at 200,
 3e-3 at 8 (see docs/similarity.md)."""
 
 
