@@ -12,10 +12,10 @@ W1: teacher ``bench_cnn`` (width 1), student ``bench_cnn`` (width 0.5), the 8 mo
 
 Timing is interleaved in one process per subject: each round runs (a) the bare forward passes, (b) ``cka_matrix``,
 (b₀) ``cka_matrix`` as committed at ``--against`` (if given), (b16) ``cka_matrix(..., precision="bf16")``, (c) the
-Gram products alone and (a′) the hooked forward passes, one after the other (A B A B …), so every ratio is paired within a round and reported with its
-spread. Each run's minor page faults (``ru_minflt`` deltas) are recorded: glibc returns freed activation memory
-to the kernel (``mmap`` / trim thresholds), so a loop that frees and re-allocates its activations page-faults
-them in again; ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0`` (inherited by the workers) keeps that memory.
+Gram products alone and (a′) the hooked forward passes, one after the other (A B A B …), so every ratio is paired
+within a round and reported with its spread. Each run's minor page faults (``ru_minflt`` deltas) are recorded:
+glibc returns freed activation memory to the kernel (``mmap`` / trim thresholds), so a loop that frees and
+re-allocates its activations page-faults them in again; ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0`` (inherited by the workers) keeps that memory.
 
 Every measurement runs in a fresh subprocess (``--worker``), so peak memory is that measurement's own and
 the peers' leftover hooks never touch another measurement. Values are checked against a float64
@@ -384,8 +384,7 @@ def worker(job: dict) -> dict:
 def interleaved_rounds(function, fresh, teacher, student, loader, job) -> dict:
     """One warm-up of every subject, then ``repeats`` rounds of (a) forward, the subject, and for ``ours``
     also (b₀) the ``--against`` baseline, (b16) bfloat16 Grams, (c) the Gram products and (a′) the hooked
-    forward: seconds and
-    minor page faults per run, so every ratio pairs runs of the same round."""
+    forward: seconds and minor page faults per run, so every ratio pairs runs of the same round."""
     device = job["device"]
     ours = job["subject"] == "ours"
     subjects = {"forward": lambda: run_forward(teacher, student, loader, device),
@@ -729,7 +728,8 @@ def paired_section(ours: dict, against: str | None) -> list[str]:
         lines.append(f"| b / a′ | {_paired(ours['seconds'], ours['hooked_seconds'])} |")
         lines.append(f"| a′ / a | {_paired(ours['hooked_seconds'], ours['forward_seconds'])} |")
         if ours.get("bf16_seconds"):
-            lines.append(f"| b16 / a′ (opt-in bfloat16 Grams) | {_paired(ours['bf16_seconds'], ours['hooked_seconds'])} |")
+            lines.append("| b16 / a′ (opt-in bfloat16 Grams) | "
+                         f"{_paired(ours['bf16_seconds'], ours['hooked_seconds'])} |")
     if ours.get("baseline_seconds"):
         lines.append(f"| b / b₀ (this tree over `{against}`) | {_paired(ours['seconds'], ours['baseline_seconds'])} |")
         lines.append(f"| (b − a′) / (b₀ − a′) (the CKA's own time) | "

@@ -179,13 +179,13 @@ def checked_centred_gram(
     scale = _power_of_two(-exponent, features.dtype)
     shift = features.mean(dim=0, keepdim=True) * -scale
     shift = torch.where(torch.isfinite(shift), shift, 0.0)
-    dtype = product_dtype or features.dtype
-    if workspace is not None:  # into memory already mapped (and as bfloat16 directly on that route)
-        centred = torch.addcmul(shift, features, scale, out=workspace.take(features.shape, dtype, features.device))
-    elif product_dtype is None:
-        centred = torch.addcmul(shift, features, scale)
-    else:  # written as bfloat16 by the centring itself (half the cost of a separate cast; no autograd here)
-        centred = torch.addcmul(shift, features, scale, out=torch.empty_like(features, dtype=product_dtype))
+    if workspace is None and product_dtype is None:
+        centred = torch.addcmul(shift, features, scale)  # differentiable: the CKA loss comes this way
+    else:  # into memory already mapped, and as bfloat16 by the centring itself (half the cost of a cast)
+        dtype = product_dtype or features.dtype
+        out = (torch.empty_like(features, dtype=dtype) if workspace is None
+               else workspace.take(features.shape, dtype, features.device))
+        centred = torch.addcmul(shift, features, scale, out=out)
     return gram_product(centred), exponent, finite
 
 
