@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from workbench.probes.kernels import KERNELS, PRECISIONS
+from workbench.probes.kernels import KERNELS, check_precision
 from workbench.probes.result_io import (
     JsonResult, check_array, check_flag, check_int, check_json_dict, check_text, check_texts,
 )
@@ -54,8 +54,7 @@ class CKAResult(JsonResult):
         self.teacher_name = check_text(self.teacher_name, "teacher_name")
         self.student_name = check_text(self.student_name, "student_name")
         self.precision = check_text(self.precision, "precision")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check_precision(self.precision)
         self.extra = check_json_dict(self.extra, "extra")
         self.values = check_array(self.values, "values", ndim=2)
         expected = [len(self.teacher_layers), len(self.student_layers)]
